@@ -1,0 +1,131 @@
+"""The manifest written beside every converted model, and artifact discovery.
+
+A converted model is a folder::
+
+    out/
+      model-Q8_0.gguf     (or model.xml/.bin, model.onnx, ...)
+      edgellm.json        the manifest: format, quantization, spec, source, parity
+
+A bare ``.gguf`` file is an artifact too (its metadata stands in for the manifest), so
+models from elsewhere load without converting them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from edgellm.errors import InvalidModelError, ModelNotFoundError, UnsupportedFormatError
+
+__all__ = ["MANIFEST_NAME", "Format", "Artifact", "find_artifact", "write_manifest", "read_manifest"]
+
+MANIFEST_NAME = "edgellm.json"
+MANIFEST_SCHEMA = 1
+
+
+class Format(str, Enum):
+    """Artifact formats edgellm reads or writes."""
+
+    GGUF = "gguf"
+    OPENVINO = "openvino"
+    ONNX = "onnx"
+    HF = "hf"  # a Hugging Face safetensors checkpoint (a source, not a runnable artifact)
+    FAKE = "fake"  # the in-process test double
+
+    @classmethod
+    def parse(cls, value: str) -> Format:
+        """The format called ``value``; the error lists the valid ones."""
+        try:
+            return cls(value.lower())
+        except ValueError:
+            names = ", ".join(f.value for f in cls if f not in (cls.HF, cls.FAKE))
+            raise UnsupportedFormatError(f"unknown format {value!r}; use one of: {names}") from None
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A model on disk: where it is, its format, its main file and its manifest."""
+
+    path: Path  # the folder (or the bare file)
+    format: Format
+    model_file: Path
+    manifest: dict[str, Any]
+
+    @property
+    def quantization(self) -> str | None:
+        """The recorded quantization type, if any."""
+        return self.manifest.get("quantization")
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """Load ``edgellm.json`` from ``folder``; a damaged manifest is an error that says so."""
+    path = folder / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidModelError(f"{path}: unreadable manifest ({exc}); re-convert the model") from None
+    if not isinstance(data, dict) or "format" not in data:
+        raise InvalidModelError(f"{path}: not an edgellm manifest (no 'format'); re-convert the model")
+    return data
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
+    """Write ``edgellm.json`` atomically (temp file + rename): never a half-written manifest."""
+    manifest = {"schema": MANIFEST_SCHEMA, **manifest}
+    manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    fd, tmp = tempfile.mkstemp(prefix=".edgellm-", suffix=".json", dir=folder)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+    target = folder / MANIFEST_NAME
+    os.replace(tmp, target)
+    return target
+
+
+def _detect_folder_format(folder: Path) -> tuple[Format, Path]:
+    """Guess the format of a folder without a manifest from the files it holds."""
+    ggufs = sorted(folder.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return Format.GGUF, ggufs[0]
+    if len(ggufs) > 1:
+        names = ", ".join(p.name for p in ggufs)
+        raise InvalidModelError(f"{folder}: several GGUF files ({names}); pass the one to use")
+    if (folder / "config.json").is_file():
+        return Format.HF, folder / "config.json"
+    raise ModelNotFoundError(
+        f"{folder}: no edgellm.json, .gguf file or config.json; not a model folder"
+    )
+
+
+def find_artifact(path: str | Path) -> Artifact:
+    """Resolve a user path (folder with manifest, bare .gguf, HF checkpoint) to an Artifact."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelNotFoundError(f"model path {str(path)!r} does not exist")
+    if p.is_file():
+        if p.suffix.lower() == ".gguf":
+            return Artifact(p, Format.GGUF, p, {"format": "gguf"})
+        if p.name == MANIFEST_NAME:
+            return find_artifact(p.parent)
+        raise UnsupportedFormatError(
+            f"{p}: cannot tell the format from {p.suffix or 'no suffix'!r}; "
+            "pass a .gguf file or a model folder"
+        )
+    if (p / MANIFEST_NAME).is_file():
+        manifest = read_manifest(p)
+        fmt = Format.parse(str(manifest["format"]))
+        model_file = p / str(manifest.get("files", {}).get("model", ""))
+        if not model_file.is_file():
+            raise InvalidModelError(
+                f"{p / MANIFEST_NAME}: names model file {model_file.name!r}, which is missing; "
+                "re-convert the model"
+            )
+        return Artifact(p, fmt, model_file, manifest)
+    fmt, model_file = _detect_folder_format(p)
+    return Artifact(p, fmt, model_file, {"format": fmt.value})

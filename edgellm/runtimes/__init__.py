@@ -1,0 +1,1 @@
+"""Backends (one file each) behind the Runtime protocol, and the shared decode loop."""
