@@ -1,0 +1,225 @@
+"""A lazy, validating reader for Hugging Face safetensors checkpoints (single or sharded).
+
+Tensors are memory-mapped and read one at a time, so a converter holds one tensor in
+memory, not the model. The header of every shard is checked against the file size before
+anything is read: a truncated or corrupt download is an error naming the file, not a
+crash halfway through a conversion. Pickle checkpoints (``.bin``/``.pt``) are refused
+unless explicitly allowed, because loading them can run arbitrary code.
+
+No torch is needed: BF16 is widened to float32 with numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from edgellm.errors import InvalidModelError, ModelNotFoundError, UnsafeCheckpointError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TensorInfo", "Checkpoint", "open_checkpoint"]
+
+# safetensors dtype -> (numpy dtype used to read the raw bytes, bytes per element)
+_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("<f8", 8),
+    "F32": ("<f4", 4),
+    "F16": ("<f2", 2),
+    "BF16": ("<u2", 2),  # widened to float32 on read
+    "I64": ("<i8", 8),
+    "I32": ("<i4", 4),
+    "I16": ("<i2", 2),
+    "I8": ("i1", 1),
+    "U8": ("u1", 1),
+    "BOOL": ("u1", 1),
+}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors spec's own limit
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, dtype, shape and byte range inside the data section."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+def _read_header(path: Path) -> dict[str, TensorInfo]:
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise InvalidModelError(f"{path}: {size} bytes, too short for a safetensors file; re-download it")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER_BYTES or 8 + n > size:
+            raise InvalidModelError(
+                f"{path}: header claims {n} bytes but the file has {size}; "
+                "the file is truncated or not safetensors — re-download it"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidModelError(f"{path}: corrupt safetensors header ({exc}); re-download it") from None
+    if not isinstance(header, dict):
+        raise InvalidModelError(f"{path}: safetensors header is not a JSON object; re-download it")
+    data_start = 8 + n
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        infos[name] = _tensor_info(path, name, entry, data_start, size)
+    return infos
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
+    try:
+        dtype = entry["dtype"]  # type: ignore[index]
+        shape = tuple(int(d) for d in entry["shape"])  # type: ignore[index]
+        begin, end = (int(x) for x in entry["data_offsets"])  # type: ignore[index]
+    except (TypeError, KeyError, ValueError):
+        raise InvalidModelError(f"{path}: malformed header entry for tensor {name!r}; re-download it") from None
+    if dtype not in _DTYPES:
+        raise InvalidModelError(
+            f"{path}: tensor {name!r} has dtype {dtype!r}; supported: {', '.join(_DTYPES)}"
+        )
+    expected = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype][1]
+    if end - begin != expected or begin < 0:
+        raise InvalidModelError(
+            f"{path}: tensor {name!r} spans {end - begin} bytes but shape {list(shape)} "
+            f"of {dtype} needs {expected}; the file is corrupt — re-download it"
+        )
+    if data_start + end > size:
+        raise InvalidModelError(
+            f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has {size} bytes; "
+            "the file is truncated — re-download it"
+        )
+    return TensorInfo(name, path, dtype, shape, data_start + begin, end - begin)
+
+
+class Checkpoint:
+    """All tensors of a checkpoint folder, validated, read lazily by name."""
+
+    def __init__(self, folder: Path, tensors: dict[str, TensorInfo]) -> None:
+        self.folder = folder
+        self.tensors = tensors
+        self._maps: dict[Path, np.memmap] = {}
+
+    def names(self) -> list[str]:
+        """Tensor names in file order."""
+        return list(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def nbytes(self) -> int:
+        """Total bytes of tensor data."""
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def _map(self, file: Path) -> np.memmap:
+        if file not in self._maps:
+            self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
+        return self._maps[file]
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as a numpy array: float tensors as float32 (BF16/F16 widened)."""
+        info = self.tensors[name]
+        raw = self._map(info.file)[info.start:info.start + info.nbytes]
+        np_dtype = _DTYPES[info.dtype][0]
+        arr = raw.view(np_dtype).reshape(info.shape)
+        if info.dtype == "BF16":
+            return (arr.astype(np.uint32) << 16).view(np.float32)
+        if info.dtype in ("F16", "F64"):
+            return arr.astype(np.float32)
+        return np.asarray(arr)
+
+    def items(self) -> Iterator[tuple[str, TensorInfo]]:
+        """(name, info) pairs in file order."""
+        return iter(self.tensors.items())
+
+    def close(self) -> None:
+        """Drop the memory maps."""
+        self._maps.clear()
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InvalidModelError(f"{index}: unreadable shard index ({exc}); re-download it") from None
+        files = sorted({str(v) for v in weight_map.values()})
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise InvalidModelError(
+                f"{index}: names shard {missing[0]!r}, which is missing from {folder}; "
+                "download every shard"
+            )
+        return [folder / f for f in files]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def _load_pickle(folder: Path, files: list[Path]) -> dict[str, np.ndarray]:
+    import torch  # only with --allow-pickle: the user accepted the risk
+
+    tensors: dict[str, np.ndarray] = {}
+    for file in files:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        for name, value in state.items():
+            tensors[name] = value.float().numpy() if value.is_floating_point() else value.numpy()
+    return tensors
+
+
+def open_checkpoint(folder: Path, allow_pickle: bool = False) -> Checkpoint:
+    """Open and validate every weight file of a Hugging Face checkpoint folder."""
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"model folder {str(folder)!r} does not exist")
+    files = _shard_files(folder)
+    if not files:
+        pickles = sorted(p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles and not allow_pickle:
+            raise UnsafeCheckpointError(
+                f"{pickles[0]}: pickle checkpoint refused (loading it can run arbitrary code); "
+                "convert it to safetensors, or pass --allow-pickle if you trust the source"
+            )
+        if pickles:
+            return _PickleCheckpoint(folder, _load_pickle(folder, pickles))
+        raise ModelNotFoundError(f"{folder}: no *.safetensors weights found")
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        for name, info in _read_header(file).items():
+            if name in tensors:
+                raise InvalidModelError(f"{file}: tensor {name!r} also appears in {tensors[name].file.name}")
+            tensors[name] = info
+    return Checkpoint(folder, tensors)
+
+
+class _PickleCheckpoint(Checkpoint):
+    """A checkpoint already loaded from pickle files (only with allow_pickle)."""
+
+    def __init__(self, folder: Path, arrays: dict[str, np.ndarray]) -> None:
+        infos = {
+            n: TensorInfo(n, folder, "F32", tuple(a.shape), 0, a.nbytes) for n, a in arrays.items()
+        }
+        super().__init__(folder, infos)
+        self._arrays = arrays
+
+    def read(self, name: str) -> np.ndarray:
+        return self._arrays[name]

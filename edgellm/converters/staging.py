@@ -1,0 +1,84 @@
+"""Write an output folder so that it appears complete or not at all.
+
+A converter writes into ``.<name>.partial-<pid>`` beside the final path; only when the
+folder is complete and verified is it renamed into place (an atomic rename on one file
+system). A conversion killed midway leaves at most a partial folder, never a file at the
+final name; stale partial folders of dead processes are removed by the next conversion.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from types import TracebackType
+
+from edgellm.errors import InvalidInputError, OutputExistsError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Staging"]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_partials(parent: Path, name: str) -> None:
+    for stale in parent.glob(f".{name}.partial-*"):
+        pid_text = stale.name.rsplit("-", 1)[-1]
+        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            logger.info("removing stale partial output %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+class Staging:
+    """Context manager: a temp folder that becomes ``output`` on :meth:`commit`.
+
+    Leaving the block without commit (an exception, a failed check) removes the temp
+    folder and leaves ``output`` as it was.
+    """
+
+    def __init__(self, output: Path, force: bool = False) -> None:
+        self.output = output.expanduser().absolute()
+        if self.output.exists() and not force:
+            raise OutputExistsError(
+                f"output {str(output)!r} already exists; choose another path or pass --force to replace it"
+            )
+        if self.output.exists() and not self.output.is_dir():
+            raise InvalidInputError(f"output {str(output)!r} is a file; the output must be a folder path")
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(self.output.parent, self.output.name)
+        self.path = self.output.parent / f".{self.output.name}.partial-{os.getpid()}"
+        self._committed = False
+
+    def __enter__(self) -> Staging:
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir()
+        return self
+
+    def commit(self) -> Path:
+        """Move the finished folder into place (replacing an old one only now)."""
+        if self.output.exists():
+            old = self.output.parent / f".{self.output.name}.old-{os.getpid()}"
+            os.replace(self.output, old)
+            os.replace(self.path, self.output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.path, self.output)
+        self._committed = True
+        return self.output
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self._committed:
+            shutil.rmtree(self.path, ignore_errors=True)
