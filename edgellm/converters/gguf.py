@@ -13,6 +13,7 @@ transformers when available), then renamed into place with its manifest.
 from __future__ import annotations
 
 import logging
+import re
 import os
 import time
 from contextlib import contextmanager
@@ -126,6 +127,16 @@ def _transform(plan: _TensorPlan, arr: np.ndarray, spec: ModelSpec, rules: ArchR
     return arr
 
 
+def _model_name(src: Path) -> str:
+    """general.name for the file. llama.cpp special-cases names containing "phi3"/"phi-3" and
+    then requires SentencePiece tokens such as "</s>" (llama-vocab.cpp); a byte-level
+    vocabulary without them would crash the loader, so such names are spelled "phi 3"."""
+    name = src.name
+    if (src / "tokenizer.model").is_file():
+        return name
+    return re.sub(r"(?i)phi-?3", "phi 3", name)
+
+
 def _encode(arr: np.ndarray, qtype: str) -> np.ndarray:
     import gguf
 
@@ -156,7 +167,7 @@ def _write_gguf(src: Path, dest: Path, ckpt: Checkpoint, cfg: dict[str, Any], sp
     plans = _plan_tensors(ckpt, cfg, spec, rules, target)
     writer = gguf.GGUFWriter(dest, rules.gguf_arch)
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(src.name)
+    writer.add_name(_model_name(src))
     add_common_hparams(writer, cfg, spec)
     rules.hparams(writer, cfg, spec)
     writer.add_file_type(DIRECT_TYPES[target][1])

@@ -82,7 +82,7 @@ class _Reference:
         self.torch = torch
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         self.model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, attn_implementation="eager"
+            folder, dtype=torch.float32, attn_implementation="sdpa"
         ).eval()
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:

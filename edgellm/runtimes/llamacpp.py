@@ -55,8 +55,11 @@ def _init_backend() -> None:
 
 
 def _native_reason() -> str:
-    errors = [ln for ln in _LOG_TAIL if "error" in ln.lower() or "failed" in ln.lower()]
-    return (errors or list(_LOG_TAIL) or ["no message from llama.cpp"])[-1]
+    for word in ("error", "failed"):
+        lines = [ln for ln in _LOG_TAIL if word in ln.lower()]
+        if lines:
+            return lines[-1]
+    return _LOG_TAIL[-1] if _LOG_TAIL else "no message from llama.cpp"
 
 
 def _physical_cores() -> int:

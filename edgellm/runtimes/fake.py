@@ -1,0 +1,212 @@
+"""A deterministic in-process runtime for tests of everything above the backends.
+
+Like httpx's ``MockTransport``: no model files, no native library. The tokenizer is
+byte-level (ids 0-255 are bytes, then a few special tokens) and the "model" replies with
+a script: given the ids so far, the logits make the next byte of the script the argmax,
+then EOS. Special token texts in the script (``"<|im_end|>"``) are emitted as those tokens. Greedy decoding therefore reproduces the script exactly, multi-byte UTF-8
+included ("é" is two tokens, "🙂" four), which exercises streaming and stop strings.
+
+Where the reply stands is read from the state itself: the longest suffix of the state
+that is a prefix of the script (never the whole state, so a prompt never counts as
+reply). Tests can check prefix reuse with ``forward_calls`` and ``evaluated_tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from edgellm.errors import BackendError, InvalidInputError, InvalidModelError
+
+if TYPE_CHECKING:
+    from edgellm.runtimes.base import RuntimeOptions
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FakeTokenizer", "FakeRuntime", "open", "DEFAULT_SCRIPT"]
+
+DEFAULT_SCRIPT = "Hello from the fake runtime! Café 🙂"
+
+#: Special tokens after the 256 byte tokens, in id order.
+SPECIALS = ("<s>", "</s>", "<|im_start|>", "<|im_end|>")
+
+
+class FakeTokenizer:
+    """Byte-level :class:`~edgellm.text.tokenizer.Tokenizer`: one token per UTF-8 byte.
+
+    Ids 0-255 are bytes; 256 ``<s>`` (BOS), 257 ``</s>`` (EOS), 258 ``<|im_start|>``,
+    259 ``<|im_end|>``.
+    """
+
+    def __init__(self, *, chat_template: str | None = None, add_bos: bool = True) -> None:
+        self.specials = {text: 256 + i for i, text in enumerate(SPECIALS)}
+        self._special_text = {i: t for t, i in self.specials.items()}
+        self.vocab_size = 256 + len(SPECIALS)
+        self.bos_token: str | None = "<s>"
+        self.eos_token: str | None = "</s>"
+        self.bos_id: int | None = self.specials["<s>"]
+        self.eos_ids: frozenset[int] = frozenset({self.specials["</s>"]})
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+        self._split = re.compile("(" + "|".join(re.escape(s) for s in SPECIALS) + ")")
+
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Bytes of ``text`` (special token texts become their ids when ``parse_special``)."""
+        ids = [self.bos_id] if add_special and self.add_bos and self.bos_id is not None else []
+        parts = self._split.split(text) if parse_special else [text]
+        for part in parts:
+            if parse_special and part in self.specials:
+                ids.append(self.specials[part])
+            else:
+                ids.extend(part.encode("utf-8"))
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        """Text of ``ids``; invalid UTF-8 is replaced."""
+        data = b"".join(
+            b"" if skip_special and self.is_special(i) else self.token_bytes(i) for i in ids
+        )
+        return data.decode("utf-8", errors="replace")
+
+    def token_bytes(self, id: int) -> bytes:
+        """One byte for ids < 256, the token text for specials, b"" beyond the vocabulary."""
+        if 0 <= id < 256:
+            return bytes((id,))
+        return self._special_text.get(id, "").encode("utf-8")
+
+    def is_special(self, id: int) -> bool:
+        """True for the four special tokens."""
+        return id in self._special_text
+
+
+class FakeRuntime:
+    """A :class:`~edgellm.runtimes.base.Runtime` whose greedy output is ``script`` then EOS.
+
+    ``n_vocab`` may exceed the tokenizer's 260 ids (like a padded embedding table), e.g.
+    49152 to measure the loop's overhead at a realistic vocabulary size. Non-target
+    logits are fixed pseudo-random values in [-1, 1]; the scripted token gets 20, so
+    sampling with min_p > 0 reproduces the script too.
+    """
+
+    backend = "fake"
+
+    def __init__(
+        self,
+        script: str | None = None,
+        n_ctx: int = 2048,
+        *,
+        n_vocab: int | None = None,
+        chat_template: str | None = None,
+        add_bos: bool = True,
+    ) -> None:
+        self.tokenizer = FakeTokenizer(chat_template=chat_template, add_bos=add_bos)
+        self.script = DEFAULT_SCRIPT if script is None else script
+        self.n_ctx = int(n_ctx)
+        self.n_vocab = max(int(n_vocab or 0), self.tokenizer.vocab_size)
+        self.spec = None  # no ModelSpec: the fake has no architecture
+        # Special token texts in the script (e.g. "<|im_end|>") become their ids.
+        self._reply = [*self.tokenizer.encode(self.script, add_special=False), self.tokenizer.specials["</s>"]]
+        self._base = np.random.default_rng(0).uniform(-1, 1, self.n_vocab).astype(np.float32)
+        self._state: list[int] = []
+        self._closed = False
+        self.forward_calls = 0
+        self.evaluated_tokens = 0
+        self.last_forward: list[int] = []
+        self.forward_seconds = 0.0  # time spent inside forward(), to separate loop overhead
+
+    @property
+    def n_past(self) -> int:
+        """Number of positions in the KV state."""
+        return len(self._state)
+
+    @property
+    def state(self) -> list[int]:
+        """A copy of the ids in the KV state (for tests)."""
+        return list(self._state)
+
+    def _next_target(self, state: list[int]) -> int:
+        reply = self._reply
+        for n in range(min(len(state) - 1, len(reply) - 1), 0, -1):
+            if state[-n:] == reply[:n]:
+                return reply[n]
+        return reply[0]
+
+    def _logits_for(self, state: list[int]) -> np.ndarray:
+        logits = self._base.copy()
+        logits[self._next_target(state)] = 20.0
+        return logits
+
+    def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Append ``tokens`` to the state; logits of the last (or every) position."""
+        t0 = time.perf_counter()
+        if self._closed:
+            raise BackendError("fake runtime is closed; open it again")
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise InvalidInputError("forward() needs at least one token")
+        if len(self._state) + len(tokens) > self.n_ctx:
+            raise BackendError(
+                f"fake runtime context full: {len(self._state)} + {len(tokens)} > n_ctx {self.n_ctx}"
+            )
+        bad = [t for t in tokens if not 0 <= t < self.n_vocab]
+        if bad:
+            raise BackendError(f"token id {bad[0]} outside the vocabulary [0, {self.n_vocab})")
+        start = len(self._state)
+        self._state.extend(tokens)
+        self.forward_calls += 1
+        self.evaluated_tokens += len(tokens)
+        self.last_forward = tokens
+        if all_logits:
+            out = np.stack([self._logits_for(self._state[: start + i + 1]) for i in range(len(tokens))])
+        else:
+            out = self._logits_for(self._state)
+        self.forward_seconds += time.perf_counter() - t0
+        return out
+
+    def trim(self, n_keep: int) -> None:
+        """Keep the first ``n_keep`` positions."""
+        if not 0 <= n_keep <= len(self._state):
+            raise InvalidInputError(f"trim({n_keep}) outside the state [0, {len(self._state)}]")
+        del self._state[n_keep:]
+
+    def reset(self) -> None:
+        """Empty the state."""
+        self._state.clear()
+
+    def info(self) -> dict[str, Any]:
+        """Backend facts for ``Model.info()``."""
+        return {"backend": self.backend, "n_ctx": self.n_ctx, "n_vocab": self.n_vocab, "device": "cpu"}
+
+    def close(self) -> None:
+        """Mark closed; later forwards raise BackendError."""
+        self._closed = True
+
+
+def open(path: str | Path, options: RuntimeOptions) -> FakeRuntime:  # noqa: A001 (registry API)
+    """Registry entry point: ``path`` may be a JSON file ``{"script": ..., "n_ctx": ...}``.
+
+    Any other path is ignored. ``options.extra`` may also carry ``script``; ``options.n_ctx``
+    wins over the file's ``n_ctx``.
+    """
+    config: dict[str, Any] = {}
+    p = Path(path)
+    if p.is_file():
+        try:
+            config = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidModelError(f"fake model file {p} is not valid JSON ({exc}); write {{\"script\": \"...\"}}") from None
+        if not isinstance(config, dict):
+            raise InvalidModelError(f"fake model file {p} must hold a JSON object like {{\"script\": \"...\"}}")
+    config.update({k: v for k, v in options.extra.items() if k in ("script", "chat_template", "n_vocab")})
+    return FakeRuntime(
+        config.get("script"),
+        n_ctx=options.n_ctx or int(config.get("n_ctx", 2048)),
+        n_vocab=config.get("n_vocab"),
+        chat_template=config.get("chat_template"),
+    )

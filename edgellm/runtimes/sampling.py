@@ -1,0 +1,163 @@
+"""Token sampling in numpy, the same on every backend.
+
+The chain follows llama.cpp's default order (``common/sampling.cpp``): repetition
+penalty, top-k, top-p, min-p, temperature, then one draw. ``temperature <= 0`` is greedy
+decoding: one ``argmax`` over the logits, no copy, so the loop's own cost per token stays
+far below a forward pass. The logits handed in are never modified (a backend may return
+a view of its own buffer).
+
+Only the candidates that survive min-p (a threshold on the logits) and top-k
+(``argpartition``) are ever sorted; the result is the one a full sort of the vocabulary
+gives (top-p's normaliser to a relative 1e-7). Greedy decoding is a single ``argmax``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from edgellm.errors import InvalidInputError
+
+__all__ = ["SamplingParams", "Sampler", "apply_repeat_penalty"]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token.
+
+    - ``temperature``: <= 0 means greedy (argmax); otherwise logits are divided by it.
+    - ``top_k``: keep the k most likely tokens; 0 turns the filter off.
+    - ``top_p``: keep the smallest set whose probability reaches p, in (0, 1]; 1 is off.
+    - ``min_p``: drop tokens less likely than ``min_p`` times the best one, in [0, 1].
+    - ``repeat_penalty``: > 0; 1 is off. llama.cpp semantics: over the last
+      ``repeat_last_n`` tokens (prompt included), a positive logit is divided by it, a
+      negative one multiplied.
+    - ``seed``: None draws from fresh entropy; an int makes the draws reproducible.
+    """
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("temperature", _is_real(self.temperature) and math.isfinite(self.temperature),
+             "a finite number (<= 0 for greedy)"),
+            ("top_k", _is_int(self.top_k) and self.top_k >= 0, "an int >= 0 (0 turns top-k off)"),
+            ("top_p", _is_real(self.top_p) and 0.0 < self.top_p <= 1.0, "a number in (0, 1] (1 turns top-p off)"),
+            ("min_p", _is_real(self.min_p) and 0.0 <= self.min_p <= 1.0, "a number in [0, 1] (0 turns min-p off)"),
+            ("repeat_penalty",
+             _is_real(self.repeat_penalty) and math.isfinite(self.repeat_penalty) and self.repeat_penalty > 0,
+             "a number > 0 (1.0 turns it off)"),
+            ("repeat_last_n", _is_int(self.repeat_last_n) and self.repeat_last_n >= 0, "an int >= 0"),
+            ("seed", self.seed is None or (_is_int(self.seed) and self.seed >= 0), "None or an int >= 0"),
+        )
+        for name, ok, allowed in checks:
+            if not ok:
+                raise InvalidInputError(f"invalid sampling parameter {name}={getattr(self, name)!r}; it must be {allowed}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when sampling reduces to argmax."""
+        return self.temperature <= 0 or self.top_k == 1
+
+
+def apply_repeat_penalty(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:
+    """A copy of ``logits`` with llama.cpp's repetition penalty on the ``recent`` ids.
+
+    Each distinct id is penalised once: positive logits divided by ``penalty``, others
+    multiplied by it. Ids outside the logits (e.g. added tokens beyond a padded
+    vocabulary) are ignored.
+    """
+    ids = np.unique(np.asarray(recent, dtype=np.int64))
+    ids = ids[(ids >= 0) & (ids < logits.shape[-1])]
+    out = np.array(logits, dtype=np.float32, copy=True)
+    vals = out[ids]
+    out[ids] = np.where(vals > 0, vals / penalty, vals * penalty)
+    return out
+
+
+def _top_k_mass(logits: np.ndarray, k: int, top: float) -> float:
+    """Sum of exp(l - top) over the k largest logits, relative error below e^-16.
+
+    Only logits within ``16 + ln k`` of the maximum are summed: together the others weigh
+    less than k * e^-(16 + ln k) = e^-16 of the top token. Most of a real vocabulary lies
+    below that line, so this avoids partitioning or exponentiating all of it.
+    """
+    near = logits[logits >= top - (16.0 + math.log(k))]
+    if len(near) > k:
+        near = np.partition(near, len(near) - k)[len(near) - k :]
+    return float(np.exp(near - np.float32(top)).sum(dtype=np.float64))
+
+
+class Sampler:
+    """Draws tokens for one generation; holds the seeded random generator."""
+
+    __slots__ = ("params", "_rng")
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self._rng = np.random.default_rng(params.seed)
+
+    def sample(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+        """The next token id from 1-D ``logits``; ``history`` feeds the repetition penalty."""
+        p = self.params
+        if p.repeat_penalty != 1.0 and p.repeat_last_n > 0 and history:
+            logits = apply_repeat_penalty(logits, history[-p.repeat_last_n :], p.repeat_penalty)
+        if p.greedy:
+            return int(logits.argmax())
+        return self._draw(logits)
+
+    def distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate ids (most likely first) and their probabilities after the filters.
+
+        Top-k, top-p and min-p, then temperature; the repetition penalty is not applied
+        here. Same numbers as sorting the whole vocabulary, without doing so: min-p is a
+        threshold on the logits (p_i >= min_p * p_max  <=>  l_i >= l_max + ln(min_p)),
+        applied first with one comparison; only the survivors are partitioned and sorted.
+        """
+        p = self.params
+        n = logits.shape[-1]
+        k = p.top_k if 0 < p.top_k < n else n
+        top = float(logits.max())
+        if p.min_p > 0.0:
+            ids = np.flatnonzero(logits >= top + math.log(p.min_p))
+            if len(ids) > k:
+                ids = ids[np.argpartition(logits[ids], len(ids) - k)[len(ids) - k :]]
+        elif k < n:
+            ids = np.argpartition(logits, n - k)[n - k :]
+        else:
+            ids = np.arange(n)
+        cand = logits[ids].astype(np.float64)
+        order = np.lexsort((ids, -cand))  # by logit, ties by id, like a stable full sort
+        ids, cand = ids[order], cand[order]
+        if p.top_p < 1.0:
+            # top-p is measured against the mass of the whole top-k set (llama.cpp renormalises
+            # after top-k), which min-p may have pruned above.
+            weights = np.exp(cand - top)
+            mass = weights.sum() if len(ids) == k else _top_k_mass(logits, k, top)
+            cut = int(np.searchsorted(np.cumsum(weights) / mass, p.top_p)) + 1
+            ids, cand = ids[:cut], cand[:cut]
+        temperature = p.temperature if p.temperature > 0 else 1.0
+        probs = np.exp((cand - cand[0]) / temperature)
+        return ids, probs / probs.sum()
+
+    def _draw(self, logits: np.ndarray) -> int:
+        ids, probs = self.distribution(logits)
+        pick = int(np.searchsorted(np.cumsum(probs), self._rng.random(), side="right"))
+        return int(ids[min(pick, len(ids) - 1)])
