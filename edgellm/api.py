@@ -28,7 +28,7 @@ ProgressFn = Callable[[int, int, str], None]
 
 
 def _check_positive(name: str, value: int | None) -> None:
-    if value is not None and (not isinstance(value, int) or value <= 0):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
         raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -60,7 +60,11 @@ def load(
     options = RuntimeOptions(n_ctx=n_ctx, threads=threads, device=device, seed=seed,
                              extra=dict(backend_options))
     runtime = open_runtime(artifact.model_file, artifact.format.value, options, backend)
-    return Model(runtime, manifest=artifact.manifest)
+    try:
+        return Model(runtime, manifest=artifact.manifest)
+    except BaseException:
+        runtime.close()
+        raise
 
 
 def convert(
@@ -71,6 +75,7 @@ def convert(
     *,
     force: bool = False,
     allow_pickle: bool = False,
+    verify: bool = True,
     verify_with: str | os.PathLike[str] | None = None,
     prompts: Sequence[str] | None = None,
     progress: ProgressFn | None = None,
@@ -79,7 +84,8 @@ def convert(
 
     The result is written to a temporary folder beside ``output``, verified, and renamed
     into place only when complete. Parity against the HF source (or ``verify_with``, a HF
-    checkpoint) is measured and recorded in the manifest when transformers is installed.
+    checkpoint) is measured and recorded in the manifest when transformers is installed;
+    ``verify=False`` skips that (the manifest says so).
     """
     from edgellm.converters import get_converter
 
@@ -87,7 +93,7 @@ def convert(
     converter = get_converter(fmt)
     return converter(
         Path(src), Path(output), quant,
-        force=force, allow_pickle=allow_pickle,
+        force=force, allow_pickle=allow_pickle, verify=verify,
         reference=Path(verify_with) if verify_with else None,
         prompts=list(prompts) if prompts else None, progress=progress,
     )

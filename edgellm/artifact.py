@@ -83,6 +83,9 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2, sort_keys=False, default=str)
         f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; a manifest is as readable as the model
     target = folder / MANIFEST_NAME
     os.replace(tmp, target)
     return target
@@ -120,7 +123,17 @@ def find_artifact(path: str | Path) -> Artifact:
     if (p / MANIFEST_NAME).is_file():
         manifest = read_manifest(p)
         fmt = Format.parse(str(manifest["format"]))
-        model_file = p / str(manifest.get("files", {}).get("model", ""))
+        name = (manifest.get("files") or {}).get("model")
+        if not isinstance(name, str) or not name:
+            raise InvalidModelError(
+                f"{p / MANIFEST_NAME}: no 'files.model' entry naming the model file; re-convert the model"
+            )
+        model_file = (p / name).resolve()
+        if not model_file.is_relative_to(p.resolve()):
+            raise InvalidModelError(
+                f"{p / MANIFEST_NAME}: model file {name!r} lies outside the model folder; refused "
+                "(a manifest may only name files inside its folder)"
+            )
         if not model_file.is_file():
             raise InvalidModelError(
                 f"{p / MANIFEST_NAME}: names model file {model_file.name!r}, which is missing; "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:
@@ -84,17 +85,18 @@ def add_load_args(parser: argparse.ArgumentParser, model_help: str | None = None
                                           "that reads the model's format)")
     parser.add_argument("--device", default="cpu", help="cpu, gpu, npu or auto (default: cpu)")
     parser.add_argument("--n-ctx", type=positive_int, help="context size in tokens")
-    parser.add_argument("--threads", type=positive_int, help="CPU threads (default: physical cores)")
+    parser.add_argument("--threads", type=positive_int,
+                        help="CPU threads (default: physical cores)")
 
 
-def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int | None = None) -> None:
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     """--max-tokens/--temperature/--top-k/--top-p/--min-p/--repeat-penalty/--seed/--stop."""
-    parser.add_argument("--max-tokens", type=positive_int, default=max_tokens,
-                        help="most tokens to generate" + (f" (default: {max_tokens})" if max_tokens else ""))
+    parser.add_argument("--max-tokens", type=positive_int, help="most tokens to generate")
     parser.add_argument("--temperature", type=float, help="0 for greedy decoding")
     parser.add_argument("--top-k", type=int, help="keep the k most likely tokens (0: off)")
     parser.add_argument("--top-p", type=float, help="nucleus sampling threshold in (0, 1]")
-    parser.add_argument("--min-p", type=float, help="drop tokens below min-p x the best one's probability")
+    parser.add_argument("--min-p", type=float,
+                        help="drop tokens below min-p times the best one's probability")
     parser.add_argument("--repeat-penalty", type=float, help="penalise recent tokens (1.0: off)")
     parser.add_argument("--seed", type=int, help="random seed for reproducible sampling")
     parser.add_argument("--stop", action="append", metavar="TEXT",
@@ -114,7 +116,8 @@ def load_model(args: argparse.Namespace, path: Any = None) -> Model:
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The sampling flags the user gave (unset ones keep the library defaults)."""
-    names = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "stop")
+    names = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed",
+             "stop")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
@@ -152,7 +155,7 @@ def read_prompts_file(path: str | None) -> list[str] | None:
     from edgellm.errors import InvalidInputError
 
     try:
-        text = open(path, encoding="utf-8").read()
+        text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidInputError(f"cannot read prompts file {path!r}: {exc}") from None
     prompts = [line.strip() for line in text.splitlines() if line.strip()]

@@ -19,9 +19,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "and peak RSS.")
     p.add_argument("model", metavar="MODEL", help="converted model folder or .gguf file")
     p.add_argument("--prompt", help="prompt to complete (default: a fixed paragraph request)")
-    p.add_argument("--max-tokens", type=positive_int, default=128, help="tokens per run (default: 128)")
+    p.add_argument("--max-tokens", type=positive_int, default=128,
+                   help="tokens per run (default: 128)")
     p.add_argument("--repeats", type=positive_int, default=3, help="measured runs (default: 3)")
-    p.add_argument("--warmup", type=non_negative_int, default=1, help="unmeasured runs first (default: 1)")
+    p.add_argument("--warmup", type=non_negative_int, default=1,
+                   help="unmeasured runs first (default: 1)")
     p.add_argument("--backend", help="backend name (default: the first that fits)")
     p.add_argument("--threads", type=positive_int, help="CPU threads")
     p.add_argument("--n-ctx", type=positive_int, help="context size in tokens")

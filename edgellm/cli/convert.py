@@ -18,9 +18,11 @@ EXAMPLES = """examples:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``convert``."""
-    p = add_command(subparsers, "convert", "convert a Hugging Face checkpoint (or GGUF) for a device",
+    p = add_command(subparsers, "convert",
+                    "convert a Hugging Face checkpoint (or GGUF) for a device",
                     "Convert a Hugging Face checkpoint folder (or a GGUF file) into a runnable "
-                    "artifact, verify it against the source, and write it atomically.\n\n" + EXAMPLES)
+                    "artifact, verify it against the source, and write it atomically.\n\n"
+                    + EXAMPLES)
     p.add_argument("src", metavar="SRC", help="HF checkpoint folder or .gguf file")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     p.add_argument("--format", default="gguf", help="target format (default: gguf)")
@@ -32,6 +34,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--verify-with", metavar="HF_DIR",
                    help="HF checkpoint to measure parity against (default: SRC when it is one)")
     p.add_argument("--prompts-file", metavar="F", help="parity prompts, one per line")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the parity check (the manifest records that it was skipped)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
 
@@ -82,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     import edgellm
 
     kwargs: dict[str, Any] = {} if args.quant is None else {"quant": args.quant}
+    if args.no_verify:
+        kwargs["verify"] = False
     bar = ProgressBar()
     try:
         artifact = edgellm.convert(

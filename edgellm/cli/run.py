@@ -18,7 +18,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``run``."""
     p = add_command(subparsers, "run", "complete a prompt (raw text, no chat template)",
                     "Generate a completion of PROMPT and stream it to stdout.\n\n"
-                    "example:\n  edgellm run ./smollm2-q8 'The capital of France is' --max-tokens 16")
+                    "example:\n"
+                    "  edgellm run ./smollm2-q8 'The capital of France is' --max-tokens 16")
     add_load_args(p, model_help="converted model folder or .gguf file")
     p.add_argument("prompt", metavar="PROMPT", help="the text to complete")
     add_sampling_args(p)

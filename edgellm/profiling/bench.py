@@ -74,7 +74,8 @@ class BenchReport:
             f"| peak RSS | {self.peak_rss_bytes / mib:.1f} MiB "
             f"(baseline {self.baseline_rss_bytes / mib:.1f} MiB) |",
             "",
-            "| run | prompt tok | completion tok | TTFT ms | prefill tok/s | decode tok/s | total ms |",
+            "| run | prompt tok | completion tok | TTFT ms | prefill tok/s | decode tok/s "
+            "| total ms |",
             "|---|---|---|---|---|---|---|",
         ]
         for i, r in enumerate(self.runs, 1):

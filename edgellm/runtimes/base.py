@@ -194,7 +194,7 @@ def select_backend(fmt: str, device: str = "cpu", backend: str | None = None) ->
         spec = get_backend(backend)
         reason = spec.why_not(fmt, device)
         if reason is not None:
-            if reason.startswith("module"):
+            if fmt in spec.formats and device in (*spec.devices, "auto") and not spec.installed():
                 raise MissingDependencyError(spec.requires or "", spec.extra, f"backend {spec.name!r}")
             raise NoCompatibleRuntimeError(
                 f"backend {spec.name!r} cannot run a {fmt} model on {device}: {reason}",

@@ -1,0 +1,103 @@
+"""One shared runner: every supported architecture -> GGUF -> llama.cpp, against PyTorch.
+
+Tolerances (stated here, measured on the tiny random models, whose logits spread over
+roughly +-2): llama.cpp computes activations in mixed precision even for F32 weights, so
+F32 and F16 get the same bounds on max |logit difference|; Q8_0 is looser. Top-1 agreement
+is over 5 prompts x 32 teacher-forced positions (one flip in 160 is 0.994).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgellm
+from edgellm.gguf_meta import read_gguf_metadata
+from edgellm.runtimes.base import RuntimeOptions, open_runtime
+from tests.fixtures import tiny_models
+
+TOLERANCE = {  # quant -> (max |dlogit| vs PyTorch, min top-1 agreement, max mean KL)
+    "F16": (0.1, 0.98, 1e-3),
+    "Q8_0": (0.5, 0.90, 2e-2),
+}
+PROMPT = "def add(a, b):\n    return a + b  # 42 tokens of text"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory, tiny_model):
+    cache: dict[tuple[str, str], edgellm.artifact.Artifact] = {}
+
+    def get(arch: str, quant: str):
+        if (arch, quant) not in cache:
+            out = tmp_path_factory.mktemp(f"gguf-{arch}") / quant
+            cache[arch, quant] = edgellm.convert(tiny_model(arch), out, format="gguf", quant=quant)
+        return cache[arch, quant]
+
+    return get
+
+
+@pytest.mark.parametrize("quant", sorted(TOLERANCE))
+@pytest.mark.parametrize("arch", tiny_models.ARCHITECTURE_NAMES)
+def test_architecture_matches_pytorch(arch: str, quant: str, converted, tiny_model) -> None:
+    artifact = converted(arch, quant)
+    max_diff, min_top1, max_kl = TOLERANCE[quant]
+
+    # the parity the converter measured and recorded
+    parity = artifact.manifest["parity"]
+    assert parity["status"] == "measured"
+    assert parity["top1_agreement"] >= min_top1, parity
+    assert parity["mean_kl"] <= max_kl, parity
+
+    # an independent check: llama.cpp logits for every position vs transformers
+    runtime = open_runtime(artifact.model_file, "gguf", RuntimeOptions(n_ctx=256))
+    try:
+        ids = runtime.tokenizer.encode(PROMPT, add_special=False)
+        got = runtime.forward(ids, all_logits=True)
+    finally:
+        runtime.close()
+    want = tiny_models.reference_logits(tiny_model(arch), ids)
+    assert got.shape == want.shape
+    assert float(np.std(want)) > 0.1  # the check means something only if logits spread
+    assert float(np.abs(got - want).max()) <= max_diff
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= min_top1
+
+
+@pytest.mark.parametrize("arch", tiny_models.ARCHITECTURE_NAMES)
+def test_gguf_metadata_describes_the_model(arch: str, converted, tiny_model) -> None:
+    artifact = converted(arch, "F16")
+    meta = read_gguf_metadata(artifact.model_file)
+    spec = edgellm.ModelSpec.from_hf_dir(tiny_model(arch))
+    gguf_spec = edgellm.ModelSpec.from_gguf_metadata(meta)
+    for field in ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "head_dim", "vocab_size"):
+        assert getattr(gguf_spec, field) == getattr(spec, field), field
+    assert meta["tokenizer.ggml.model"] == "gpt2"
+    assert meta["tokenizer.ggml.pre"] == "gpt-2"
+    assert len(meta["tokenizer.ggml.tokens"]) == spec.vocab_size
+    assert "<|im_start|>" in meta["tokenizer.chat_template"]
+    assert artifact.manifest["quantization"] == "F16"
+    assert artifact.manifest["spec"]["architecture"] == spec.architecture
+
+
+def test_sharded_and_bf16_checkpoints_convert(tiny_model, tmp_path: Path) -> None:
+    sharded = tiny_model("qwen2", sharded=True)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    a = edgellm.convert(sharded, tmp_path / "sharded", quant="F16")
+    assert a.manifest["parity"]["top1_agreement"] >= 0.98
+    bf16 = tiny_model("llama", dtype="bfloat16")
+    b = edgellm.convert(bf16, tmp_path / "bf16", quant="BF16")
+    assert b.manifest["parity"]["top1_agreement"] >= 0.9
+    assert "BF16" in b.manifest["source"]["tensor_types"]
+
+
+@pytest.mark.parametrize("quant", ["Q4_K_M", "Q4_0", "Q6_K"])
+def test_llama_cpp_quantizer_types(quant: str, tiny_model, tmp_path: Path) -> None:
+    a = edgellm.convert(tiny_model("llama"), tmp_path / quant, quant=quant.lower())
+    assert a.model_file.name.endswith(f"-{quant}.gguf")
+    assert a.manifest["quantization"] == quant
+    assert 0.0 <= a.manifest["parity"]["top1_agreement"] <= 1.0
+    info = edgellm.inspect(a.path)
+    assert info["quantization"] == quant
+    # no intermediate or log files are left beside the model
+    assert sorted(p.name for p in a.path.iterdir()) == sorted([a.model_file.name, "edgellm.json"])

@@ -1,0 +1,70 @@
+"""The real model: SmolLM2-135M-Instruct, HF checkpoint -> GGUF -> llama.cpp, vs transformers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import edgellm
+from edgellm.converters.verify import DEFAULT_PROMPTS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def artifacts(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("smollm2")
+    cache: dict[str, edgellm.artifact.Artifact] = {}
+
+    def get(quant: str):
+        if quant not in cache:
+            cache[quant] = edgellm.convert(smollm2_hf, root / quant, quant=quant)
+        return cache[quant]
+
+    return get
+
+
+def test_f16_reproduces_transformers_greedy_tokens(artifacts) -> None:
+    parity = artifacts("F16").manifest["parity"]
+    assert parity["n_prompts"] == len(DEFAULT_PROMPTS) == 5
+    assert parity["n_greedy_tokens"] == 32
+    assert parity["greedy_identical"] == 5, parity["per_prompt"]
+
+
+def test_q8_0_top1_agreement(artifacts) -> None:
+    parity = artifacts("Q8_0").manifest["parity"]
+    assert parity["top1_agreement"] >= 0.95, parity
+
+
+def test_q4_k_m_agreement_is_recorded(artifacts) -> None:
+    artifact = artifacts("Q4_K_M")
+    manifest = json.loads((artifact.path / "edgellm.json").read_text())
+    assert manifest["parity"]["status"] == "measured"
+    assert 0.5 <= manifest["parity"]["top1_agreement"] <= 1.0
+    # Q4_K_M must be much smaller than F16
+    assert artifact.model_file.stat().st_size < 0.6 * artifacts("F16").model_file.stat().st_size
+
+
+def test_chat_answers_paris(artifacts) -> None:
+    model_dir = artifacts("Q8_0").path
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgellm", "chat", str(model_dir), "--max-tokens", "48"],
+        input="What is the capital of France?\n", capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+
+
+def test_requantize_packaged_gguf_with_reference(smollm2_gguf: Path, smollm2_hf: Path, tmp_path: Path) -> None:
+    a = edgellm.convert(smollm2_gguf, tmp_path / "q4_0", quant="Q4_0", verify_with=smollm2_hf)
+    assert a.manifest["source"]["source_kind"] == "gguf"
+    assert a.manifest["parity"]["status"] == "measured"
+    with edgellm.load(a.path, n_ctx=256) as model:
+        result = model.chat([{"role": "user", "content": "What is the capital of France?"}],
+                            max_tokens=32, temperature=0)
+    assert result.completion_tokens > 0
+    assert result.text.strip()
