@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence, overload
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from edgellm.errors import InvalidInputError
 from edgellm.runtimes.loop import Decoder, Generation, Result
@@ -191,7 +192,7 @@ class Model:
                 self._closed = True
                 self.runtime.close()
 
-    def __enter__(self) -> Model:
+    def __enter__(self) -> Model:  # noqa: PYI034 (Self needs Python 3.11)
         return self
 
     def __exit__(
@@ -235,7 +236,8 @@ class Model:
             add_generation_prompt=True, tools=tools,
         )
         # Templates such as Llama's write BOS themselves; adding another would double it.
-        has_bos = bool(tok.bos_token) and text.startswith(tok.bos_token)
+        bos = tok.bos_token
+        has_bos = bos is not None and bos != "" and text.startswith(bos)
         return tok.encode(text, add_special=not has_bos), template
 
     def _end_of_turn_ids(self, template: str) -> frozenset[int]:

@@ -17,19 +17,22 @@ import json
 import logging
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgellm.errors import BackendError, InvalidInputError, InvalidModelError
+from edgellm.spec import ModelSpec
 
 if TYPE_CHECKING:
     from edgellm.runtimes.base import RuntimeOptions
+    from edgellm.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FakeTokenizer", "FakeRuntime", "open", "DEFAULT_SCRIPT"]
+__all__ = ["DEFAULT_SCRIPT", "FakeRuntime", "FakeTokenizer", "open"]
 
 DEFAULT_SCRIPT = "Hello from the fake runtime! Café 🙂"
 
@@ -105,11 +108,15 @@ class FakeRuntime:
         chat_template: str | None = None,
         add_bos: bool = True,
     ) -> None:
-        self.tokenizer = FakeTokenizer(chat_template=chat_template, add_bos=add_bos)
+        self.tokenizer: Tokenizer = FakeTokenizer(chat_template=chat_template, add_bos=add_bos)
         self.script = DEFAULT_SCRIPT if script is None else script
         self.n_ctx = int(n_ctx)
         self.n_vocab = max(int(n_vocab or 0), self.tokenizer.vocab_size)
-        self.spec = None  # no ModelSpec: the fake has no architecture
+        # A plausible tiny shape, so code that sizes KV caches from the spec can run on it.
+        self.spec = ModelSpec(
+            architecture="fake", n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, head_dim=16,
+            intermediate_size=128, vocab_size=self.n_vocab, max_positions=self.n_ctx,
+        )
         # Special token texts in the script (e.g. "<|im_end|>") become their ids.
         self._reply = [*self.tokenizer.encode(self.script, add_special=False), self.tokenizer.specials["</s>"]]
         self._base = np.random.default_rng(0).uniform(-1, 1, self.n_vocab).astype(np.float32)
@@ -188,7 +195,7 @@ class FakeRuntime:
         self._closed = True
 
 
-def open(path: str | Path, options: RuntimeOptions) -> FakeRuntime:  # noqa: A001 (registry API)
+def open(path: str | Path, options: RuntimeOptions) -> FakeRuntime:
     """Registry entry point: ``path`` may be a JSON file ``{"script": ..., "n_ctx": ...}``.
 
     Any other path is ignored. ``options.extra`` may also carry ``script``; ``options.n_ctx``

@@ -30,8 +30,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, AbstractSet, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -41,10 +43,11 @@ from edgellm.text.detok import StreamDecoder
 
 if TYPE_CHECKING:
     from edgellm.runtimes.base import Runtime
+    from edgellm.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FinishReason", "Timings", "Result", "Decoder", "Generation"]
+__all__ = ["Decoder", "FinishReason", "Generation", "Result", "Timings"]
 
 FinishReason = Literal["stop", "length", "eos"]
 
@@ -118,7 +121,7 @@ def _last_row(logits: Any) -> np.ndarray:
 class _StopMatcher:
     """Finds stop strings in streamed text; holds back text that may start one."""
 
-    __slots__ = ("stops", "held")
+    __slots__ = ("held", "stops")
 
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = tuple(stops)
@@ -192,8 +195,11 @@ class Decoder:
             )
         if max_tokens > room:
             logger.debug("max_tokens %d clamped to %d by the context size", max_tokens, room)
-        eos = frozenset(self.runtime.tokenizer.eos_ids if eos_ids is None else eos_ids)
-        return Generation(self, prompt, params, min(max_tokens, room), stops, eos, started_at)
+        tok = self.runtime.tokenizer
+        eos = frozenset(tok.eos_ids if eos_ids is None else eos_ids)
+        return Generation(
+            self, prompt, params, min(max_tokens, room), stops, _special_stop_ids(tok, stops), eos, started_at
+        )
 
     def reset(self) -> None:
         """Empty the runtime's KV state (and this decoder's record of it)."""
@@ -248,6 +254,20 @@ def _check_prompt(prompt: list[int], n_vocab: int) -> None:
         raise InvalidInputError(f"prompt token id {bad} is outside the vocabulary [0, {n_vocab})")
 
 
+def _special_stop_ids(tokenizer: Tokenizer, stops: tuple[str, ...]) -> frozenset[int]:
+    """Special tokens spelled exactly like a stop string (e.g. "<|im_end|>").
+
+    Special tokens produce no text in the stream, so their stop strings are matched on
+    the token id instead.
+    """
+    found = set()
+    for s in stops:
+        ids = tokenizer.encode(s, add_special=False, parse_special=True)
+        if len(ids) == 1 and tokenizer.is_special(ids[0]):
+            found.add(ids[0])
+    return frozenset(found)
+
+
 def _check_stop(stop: Sequence[str] | str | None) -> tuple[str, ...]:
     if stop is None:
         return ()
@@ -272,6 +292,7 @@ class Generation:
         params: SamplingParams,
         budget: int,
         stops: tuple[str, ...],
+        stop_ids: frozenset[int],
         eos_ids: frozenset[int],
         started_at: float | None,
     ) -> None:
@@ -282,6 +303,7 @@ class Generation:
         self._budget = budget
         self._stops = stops
         self._eos = eos_ids
+        self._stop_ids = stop_ids
         self._t0 = time.perf_counter() if started_at is None else started_at
         self._steps = self._run()
 
@@ -302,7 +324,7 @@ class Generation:
         assert self.result is not None
         return self.result.text
 
-    def _run(self) -> Iterator[str]:
+    def _run(self) -> Generator[str, None, None]:
         dec, tok = self._decoder, self._decoder.runtime.tokenizer
         sampler, detok, stops = Sampler(self._params), StreamDecoder(tok), _StopMatcher(self._stops)
         seq = list(self._prompt)
@@ -322,6 +344,9 @@ class Generation:
                     t_first = time.perf_counter()
                 if token in self._eos:
                     finish = "eos"
+                    break
+                if token in self._stop_ids:
+                    finish = "stop"
                     break
                 generated.append(token)
                 seq.append(token)

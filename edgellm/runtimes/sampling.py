@@ -14,14 +14,14 @@ gives (top-p's normaliser to a relative 1e-7). Greedy decoding is a single ``arg
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
 from edgellm.errors import InvalidInputError
 
-__all__ = ["SamplingParams", "Sampler", "apply_repeat_penalty"]
+__all__ = ["Sampler", "SamplingParams", "apply_repeat_penalty"]
 
 
 def _is_int(value: object) -> bool:
@@ -99,16 +99,55 @@ def _top_k_mass(logits: np.ndarray, k: int, top: float) -> float:
     less than k * e^-(16 + ln k) = e^-16 of the top token. Most of a real vocabulary lies
     below that line, so this avoids partitioning or exponentiating all of it.
     """
-    near = logits[logits >= top - (16.0 + math.log(k))]
-    if len(near) > k:
-        near = np.partition(near, len(near) - k)[len(near) - k :]
+    n = logits.shape[-1]
+    above = logits >= top - (16.0 + math.log(k))
+    if np.count_nonzero(above) > n // 4:  # copying a large selection costs more than this
+        near = np.partition(logits, n - k)[n - k :] if k < n else logits
+    else:
+        near = logits[above]
+        if len(near) > k:
+            near = np.partition(near, len(near) - k)[len(near) - k :]
     return float(np.exp(near - np.float32(top)).sum(dtype=np.float64))
+
+
+def _nucleus_superset(logits: np.ndarray, top: float, top_p: float) -> tuple[np.ndarray, float]:
+    """Ids above a logit line whose mass already reaches ``top_p``, and the total mass.
+
+    The top-p nucleus is the most likely prefix of the sorted vocabulary, so it lies
+    inside any such set; trying a few lines avoids sorting the whole vocabulary.
+    """
+    weights = np.exp(logits - np.float32(top))
+    total = float(weights.sum(dtype=np.float64))
+    for gap in (2.0, 4.0, 8.0, 16.0):
+        mask = logits >= top - gap
+        if weights[mask].sum(dtype=np.float64) >= top_p * total:
+            return np.flatnonzero(mask), total
+    return np.arange(logits.shape[-1]), total
+
+
+_BLOCK = 256
+
+
+def _pick(weights: np.ndarray, u: float) -> int:
+    """Index drawn with probability proportional to ``weights``, for ``u`` in [0, 1).
+
+    A cumulative sum over a whole vocabulary is slow in numpy (~1 ms for 50k in float64),
+    so this sums blocks of 256, picks a block, then searches inside it.
+    """
+    n = len(weights)
+    blocks = np.cumsum(np.add.reduceat(weights, np.arange(0, n, _BLOCK)), dtype=np.float64)
+    target = u * blocks[-1]
+    b = min(int(np.searchsorted(blocks, target, side="right")), len(blocks) - 1)
+    start = b * _BLOCK
+    inner = np.cumsum(weights[start : start + _BLOCK], dtype=np.float64)
+    inner += blocks[b - 1] if b else 0.0
+    return start + min(int(np.searchsorted(inner, target, side="right")), len(inner) - 1)
 
 
 class Sampler:
     """Draws tokens for one generation; holds the seeded random generator."""
 
-    __slots__ = ("params", "_rng")
+    __slots__ = ("_rng", "params")
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
@@ -132,32 +171,47 @@ class Sampler:
         applied first with one comparison; only the survivors are partitioned and sorted.
         """
         p = self.params
-        n = logits.shape[-1]
-        k = p.top_k if 0 < p.top_k < n else n
+        k = p.top_k if 0 < p.top_k < logits.shape[-1] else logits.shape[-1]
         top = float(logits.max())
-        if p.min_p > 0.0:
-            ids = np.flatnonzero(logits >= top + math.log(p.min_p))
-            if len(ids) > k:
-                ids = ids[np.argpartition(logits[ids], len(ids) - k)[len(ids) - k :]]
-        elif k < n:
-            ids = np.argpartition(logits, n - k)[n - k :]
-        else:
-            ids = np.arange(n)
+        ids, mass = self._candidates(logits, top, k)
         cand = logits[ids].astype(np.float64)
         order = np.lexsort((ids, -cand))  # by logit, ties by id, like a stable full sort
         ids, cand = ids[order], cand[order]
         if p.top_p < 1.0:
             # top-p is measured against the mass of the whole top-k set (llama.cpp renormalises
-            # after top-k), which min-p may have pruned above.
+            # after top-k), part of which min-p may already have pruned.
             weights = np.exp(cand - top)
-            mass = weights.sum() if len(ids) == k else _top_k_mass(logits, k, top)
+            if mass is None:
+                mass = weights.sum() if len(ids) == k else _top_k_mass(logits, k, top)
             cut = int(np.searchsorted(np.cumsum(weights) / mass, p.top_p)) + 1
             ids, cand = ids[:cut], cand[:cut]
-        temperature = p.temperature if p.temperature > 0 else 1.0
-        probs = np.exp((cand - cand[0]) / temperature)
+        probs = np.exp((cand - cand[0]) / self._temperature)
         return ids, probs / probs.sum()
 
+    @property
+    def _temperature(self) -> float:
+        return self.params.temperature if self.params.temperature > 0 else 1.0
+
+    def _candidates(self, logits: np.ndarray, top: float, k: int) -> tuple[np.ndarray, float | None]:
+        """Ids that can survive the filters (unsorted), and the top-k mass if it is known."""
+        p, n = self.params, logits.shape[-1]
+        if p.min_p > 0.0:
+            ids = np.flatnonzero(logits >= top + math.log(p.min_p))
+            if len(ids) > k:
+                ids = ids[np.argpartition(logits[ids], len(ids) - k)[len(ids) - k :]]
+            return ids, None
+        if k < n:
+            return np.argpartition(logits, n - k)[n - k :], None
+        if p.top_p < 1.0:
+            return _nucleus_superset(logits, top, p.top_p)
+        return np.arange(n), None
+
     def _draw(self, logits: np.ndarray) -> int:
+        p = self.params
+        if p.top_k == 0 and p.min_p == 0.0 and p.top_p >= 1.0:  # plain softmax: no sort needed
+            top = np.float32(logits.max())
+            weights = np.exp((logits - top) / np.float32(self._temperature))
+            return _pick(weights, self._rng.random())
         ids, probs = self.distribution(logits)
         pick = int(np.searchsorted(np.cumsum(probs), self._rng.random(), side="right"))
         return int(ids[min(pick, len(ids) - 1)])

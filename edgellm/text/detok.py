@@ -33,7 +33,7 @@ class StreamDecoder:
     the space in front of its first word belongs to the text (llama.cpp does the same).
     """
 
-    __slots__ = ("_tokenizer", "_decoder", "_skip_special", "_strip_pending")
+    __slots__ = ("_decoder", "_skip_special", "_strip_pending", "_tokenizer")
 
     def __init__(
         self, tokenizer: Tokenizer, *, skip_special: bool = True, strip_leading_space: bool = False

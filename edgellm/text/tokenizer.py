@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from edgellm.errors import InvalidModelError, ModelNotFoundError
 
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Tokenizer", "HFTokenizer", "bytes_to_unicode"]
+__all__ = ["HFTokenizer", "Tokenizer", "bytes_to_unicode"]
 
 
 @runtime_checkable
@@ -188,7 +189,7 @@ class HFTokenizer:
             )
         try:
             tok = _HFTok.from_file(str(tok_file))
-        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+        except Exception as exc:  # noqa: BLE001 (tokenizers raises a bare Exception)
             raise InvalidModelError(
                 f"{tok_file} could not be read ({_one_line(exc)}); the file is corrupt or "
                 "truncated: copy it again from the source model"
