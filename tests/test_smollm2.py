@@ -28,11 +28,27 @@ def artifacts(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
-def test_f16_reproduces_transformers_greedy_tokens(artifacts) -> None:
-    parity = artifacts("F16").manifest["parity"]
+def test_f32_reproduces_transformers_greedy_tokens(artifacts) -> None:
+    parity = artifacts("F32").manifest["parity"]
     assert parity["n_prompts"] == len(DEFAULT_PROMPTS) == 5
     assert parity["n_greedy_tokens"] == 32
     assert parity["greedy_identical"] == 5, parity["per_prompt"]
+
+
+def test_f16_greedy_tokens_match_except_at_ties(artifacts) -> None:
+    """F16 weights (and llama.cpp's F16 activations in F16 matmuls) move logits by ~0.05.
+
+    Every prompt must give the same 32 greedy tokens as transformers, except where
+    transformers itself is tied: the first differing step must be one where its top-2
+    logits are closer than the measured F16 logit error. Measured here: 4 of 5 prompts
+    identical; the arithmetic prompt flips at step 10, where the reference margin is 0.001.
+    """
+    parity = artifacts("F16").manifest["parity"]
+    assert parity["greedy_identical"] >= 4, parity["per_prompt"]
+    assert parity["top1_agreement"] >= 0.99
+    for row in parity["per_prompt"]:
+        if not row["greedy_identical"]:
+            assert row["ref_margin"] < row["max_abs_diff"], row
 
 
 def test_q8_0_top1_agreement(artifacts) -> None:
@@ -52,7 +68,8 @@ def test_q4_k_m_agreement_is_recorded(artifacts) -> None:
 def test_chat_answers_paris(artifacts) -> None:
     model_dir = artifacts("Q8_0").path
     proc = subprocess.run(
-        [sys.executable, "-m", "edgellm", "chat", str(model_dir), "--max-tokens", "48"],
+        [sys.executable, "-m", "edgellm", "chat", str(model_dir), "--max-tokens", "48",
+         "--temperature", "0", "--repeat-penalty", "1.1"],
         input="What is the capital of France?\n", capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr

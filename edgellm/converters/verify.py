@@ -111,6 +111,19 @@ def _artifact_greedy(runtime: Any, ids: Sequence[int], n: int) -> list[int]:
     return out
 
 
+def _divergence(mine: list[int], cont: list[int], ref_logits: np.ndarray) -> dict[str, Any]:
+    """Where free-running greedy first left the reference, and how close the call was there.
+
+    ``ref_margin`` is the reference's own top-1 minus top-2 logit at that step: a flip where
+    it is below the artifact's logit error is a tie, not a conversion fault.
+    """
+    for i, (a, b) in enumerate(zip(mine, cont)):
+        if a != b:
+            top2 = np.sort(ref_logits[i])[-2:]
+            return {"first_divergence": i, "ref_margin": float(top2[1] - top2[0])}
+    return {"first_divergence": None, "ref_margin": None}
+
+
 def measure_parity(runtime: Any, reference: Path, prompts: Sequence[str] | None = None,
                    n_greedy: int = N_GREEDY) -> ParityReport:
     """Compare an open runtime with transformers on ``reference`` over ``prompts``."""
@@ -133,11 +146,12 @@ def measure_parity(runtime: Any, reference: Path, prompts: Sequence[str] | None 
         lr, la = _softmax_log(r), _softmax_log(a)
         kl = float((np.exp(lr) * (lr - la)).sum(-1).mean())
         diff = float(np.abs(r - a).max())
-        same = _artifact_greedy(runtime, ids, n_greedy) == cont
+        mine = _artifact_greedy(runtime, ids, n_greedy)
+        same = mine == cont
         agree, positions, greedy_same = agree + hits, positions + len(r), greedy_same + int(same)
         max_diff, kls = max(max_diff, diff), kls + [kl]
         per_prompt.append({"prompt": prompt, "top1": hits / len(r), "kl": kl, "max_abs_diff": diff,
-                           "greedy_identical": same})
+                           "greedy_identical": same, **_divergence(mine, cont, r)})
     runtime.reset()
     return ParityReport(
         top1_agreement=agree / positions, max_abs_logit_diff=max_diff, mean_kl=float(np.mean(kls)),

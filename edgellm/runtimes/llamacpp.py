@@ -18,7 +18,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgellm.errors import BackendError, ContextOverflowError, InvalidModelError, MissingDependencyError
+from edgellm.errors import (
+    BackendError,
+    ContextOverflowError,
+    InvalidInputError,
+    InvalidModelError,
+    MissingDependencyError,
+)
 from edgellm.gguf_meta import read_gguf_metadata
 from edgellm.runtimes.base import RuntimeOptions
 from edgellm.spec import ModelSpec
@@ -33,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["LlamaCppRuntime", "LlamaCppTokenizer", "open"]
 
+#: KV cache element types (ggml type ids, ggml.h ``enum ggml_type``).
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2}
 _DEFAULT_MAX_CTX = 4096  # default context cap: the model's trained context can be 128k
 _LOG_TAIL: collections.deque[str] = collections.deque(maxlen=20)
 _BACKEND_READY = False
@@ -168,6 +176,13 @@ class LlamaCppRuntime:
         params.n_seq_max = 1
         params.n_threads = self.threads
         params.n_threads_batch = self.threads
+        kv_type = str(options.extra.get("kv_type", "f16")).lower()
+        if kv_type not in KV_TYPES:
+            raise InvalidInputError(f"unknown kv_type {kv_type!r}; use one of: {', '.join(KV_TYPES)}")
+        params.type_k = params.type_v = KV_TYPES[kv_type]
+        if kv_type not in ("f32", "f16"):  # llama.cpp needs flash attention for a quantized V cache
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        self.kv_type = kv_type
         try:
             return _internals.LlamaContext(model=self._model, params=params, verbose=False)
         except (ValueError, RuntimeError):
@@ -227,6 +242,7 @@ class LlamaCppRuntime:
             "threads": self.threads,
             "n_ctx": self.n_ctx,
             "n_batch": self.n_batch,
+            "kv_type": self.kv_type,
             "model_file": str(self.path),
             "llama_cpp_version": getattr(llama_cpp, "__version__", "unknown"),
             "file_type": self._metadata.get("general.file_type"),
