@@ -38,14 +38,15 @@ def load(
     device: str = "cpu",
     n_ctx: int | None = None,
     threads: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     **backend_options: Any,
 ) -> Model:
     """Load a converted model (folder with ``edgellm.json``, or a bare ``.gguf`` file).
 
     ``backend`` names a registered backend ("llamacpp", ...); by default the first
     installed backend that reads the artifact's format is used. ``n_ctx`` defaults to the
-    model's trained context capped at 4096 tokens; ``threads`` to the physical cores.
+    model's trained context capped at 4096 tokens; ``threads`` to the physical cores;
+    ``seed`` makes the session's sampling reproducible (None: a random seed).
     """
     from edgellm.model import Model
 
@@ -57,11 +58,11 @@ def load(
             f"{artifact.path} is a Hugging Face checkpoint, not a runnable artifact; "
             f"convert it first: edgellm convert {artifact.path} --format gguf -o OUT"
         )
-    options = RuntimeOptions(n_ctx=n_ctx, threads=threads, device=device, seed=seed,
+    options = RuntimeOptions(n_ctx=n_ctx, threads=threads, device=device, seed=seed or 0,
                              extra=dict(backend_options))
     runtime = open_runtime(artifact.model_file, artifact.format.value, options, backend)
     try:
-        return Model(runtime, manifest=artifact.manifest)
+        return Model(runtime, manifest=artifact.manifest, seed=seed)
     except BaseException:
         runtime.close()
         raise

@@ -12,6 +12,8 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal, overload
 
+import numpy as np
+
 from edgellm.errors import InvalidInputError
 from edgellm.runtimes.loop import Decoder, Generation, Result
 from edgellm.runtimes.sampling import SamplingParams
@@ -43,8 +45,12 @@ class Model:
     in ``last_result``.
     """
 
-    def __init__(self, runtime: Runtime, manifest: dict[str, Any] | None = None) -> None:
+    def __init__(self, runtime: Runtime, manifest: dict[str, Any] | None = None,
+                 seed: int | None = None) -> None:
         self.runtime = runtime
+        # Calls without their own seed draw one from this stream: load(seed=N) makes a
+        # session's samples reproducible, as llama.cpp's context seed does.
+        self._seeds = np.random.default_rng(seed)
         self.manifest: dict[str, Any] = dict(manifest or {})
         self.last_result: Result | None = None
         self._decoder = Decoder(runtime)
@@ -69,17 +75,20 @@ class Model:
         repeat_penalty: float = 1.0,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        ignore_eos: bool = False,
     ) -> Result:
         """Complete ``prompt`` (text, or token ids used as they are) and return the Result.
 
         ``temperature <= 0`` decodes greedily. Generation ends at EOS, after ``max_tokens``
         (clamped to the room left in the context) or before the first stop string, which
-        is not included in the text.
+        is not included in the text. ``ignore_eos`` keeps decoding past end-of-sequence
+        tokens (benchmarks that need a fixed number of tokens).
         """
         t0 = time.perf_counter()
         ids = self._prompt_ids(prompt)
-        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
-        return self._finish(self._start(ids, params, max_tokens, stop, t0))
+        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=self._seed(seed))
+        eos = frozenset() if ignore_eos else None
+        return self._finish(self._start(ids, params, max_tokens, stop, t0, eos_ids=eos))
 
     def stream(
         self,
@@ -100,7 +109,7 @@ class Model:
         """
         t0 = time.perf_counter()
         ids = self._prompt_ids(prompt)
-        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
+        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=self._seed(seed))
         return self._follow(self._start(ids, params, max_tokens, stop, t0))
 
     @overload
@@ -139,7 +148,7 @@ class Model:
         """
         t0 = time.perf_counter()
         ids, template = self._chat_ids(messages, tools)
-        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
+        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=self._seed(seed))
         eos = self.tokenizer.eos_ids | self._end_of_turn_ids(template)
         gen = self._start(ids, params, max_tokens, stop, t0, eos_ids=eos)
         return self._follow(gen) if stream else self._finish(gen)
@@ -210,6 +219,9 @@ class Model:
         )
 
     # -- internals ----------------------------------------------------------------------
+
+    def _seed(self, seed: int | None) -> int:
+        return int(self._seeds.integers(2**63)) if seed is None else seed
 
     def _check_open(self) -> None:
         if self._closed:

@@ -283,3 +283,29 @@ def test_stop_string_spelling_a_special_token() -> None:
     model, _ = make("Answer.<|im_end|>junk")
     result = model.generate("q", stop=["<|im_end|>"], **GREEDY)  # the token makes no text
     assert (result.text, result.finish_reason) == ("Answer.", "stop")
+
+
+def test_model_seed_makes_a_session_reproducible() -> None:
+    from edgellm.model import Model
+    from edgellm.runtimes.fake import FakeRuntime
+
+    def session(seed: int) -> list[str]:
+        model = Model(FakeRuntime(), seed=seed)
+        return [model.generate("hi", max_tokens=8, temperature=5.0, top_k=0, top_p=1.0, min_p=0.0).text
+                for _ in range(3)]
+
+    first, again, other = session(7), session(7), session(8)
+    assert first == again
+    assert first != other
+    assert len(set(first)) > 1  # calls within a session draw different seeds
+
+
+def test_ignore_eos_decodes_past_the_end_of_the_script() -> None:
+    from edgellm.model import Model
+    from edgellm.runtimes.fake import FakeRuntime
+
+    model = Model(FakeRuntime(script="ab"))
+    stopped = model.generate("x", max_tokens=10, temperature=0)
+    assert stopped.finish_reason == "eos" and stopped.completion_tokens == 2
+    forced = model.generate("x", max_tokens=10, temperature=0, ignore_eos=True)
+    assert forced.finish_reason == "length" and forced.completion_tokens == 10
