@@ -1,6 +1,6 @@
 """A lazy, validating reader for Hugging Face safetensors checkpoints (single or sharded).
 
-Tensors are memory-mapped and read one at a time, so a converter holds one tensor in
+Tensors are read one at a time, so a converter holds one tensor in
 memory, not the model. The header of every shard is checked against the file size before
 anything is read: a truncated or corrupt download is an error naming the file, not a
 crash halfway through a conversion. Pickle checkpoints (``.bin``/``.pt``) are refused
@@ -119,7 +119,6 @@ class Checkpoint:
     def __init__(self, folder: Path, tensors: dict[str, TensorInfo]) -> None:
         self.folder = folder
         self.tensors = tensors
-        self._maps: dict[Path, np.memmap] = {}
 
     def names(self) -> list[str]:
         """Tensor names in file order."""
@@ -132,17 +131,21 @@ class Checkpoint:
         """Total bytes of tensor data."""
         return sum(t.nbytes for t in self.tensors.values())
 
-    def _map(self, file: Path) -> np.memmap:
-        if file not in self._maps:
-            self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
-        return self._maps[file]
-
     def read(self, name: str) -> np.ndarray:
-        """The tensor as a numpy array: float tensors as float32 (BF16/F16 widened)."""
+        """The tensor as a numpy array: float tensors as float32 (BF16/F16 widened).
+
+        Read with a plain file read, not a memory map: mapped pages of a multi-GB
+        checkpoint would stay in the converter's resident set; read buffers are freed
+        with each tensor.
+        """
         info = self.tensors[name]
-        raw = self._map(info.file)[info.start:info.start + info.nbytes]
         np_dtype = _DTYPES[info.dtype][0]
-        arr = raw.view(np_dtype).reshape(info.shape)
+        with info.file.open("rb") as f:
+            f.seek(info.start)
+            arr = np.fromfile(f, dtype=np_dtype, count=info.numel)
+        if arr.size != info.numel:
+            raise InvalidModelError(f"{info.file}: tensor {name!r} is cut short; re-download the file")
+        arr = arr.reshape(info.shape)
         if info.dtype == "BF16":
             return (arr.astype(np.uint32) << 16).view(np.float32)
         if info.dtype in ("F16", "F64"):
@@ -154,8 +157,7 @@ class Checkpoint:
         return iter(self.tensors.items())
 
     def close(self) -> None:
-        """Drop the memory maps."""
-        self._maps.clear()
+        """Nothing is held open between reads; kept for symmetry with other readers."""
 
 
 def _shard_files(folder: Path) -> list[Path]:

@@ -183,6 +183,10 @@ class LlamaCppRuntime:
         if kv_type not in ("f32", "f16"):  # llama.cpp needs flash attention for a quantized V cache
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         self.kv_type = kv_type
+        flash = options.extra.get("flash_attn")  # None: llama.cpp decides (auto)
+        if flash is not None:
+            params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash
+                                      else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         try:
             return _internals.LlamaContext(model=self._model, params=params, verbose=False)
         except (ValueError, RuntimeError):
