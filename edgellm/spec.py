@@ -11,9 +11,10 @@ Supported architectures are rows of :data:`ARCHITECTURES`; adding one is adding 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from edgellm.errors import InvalidModelError, ModelNotFoundError, UnsupportedArchitectureError
 

@@ -15,8 +15,14 @@ import sys
 from typing import Any
 
 from edgellm.cli._common import (
-    add_command, add_load_args, add_sampling_args, load_model, result_dict, sampling_kwargs,
-    stats_line, write_stream,
+    add_command,
+    add_load_args,
+    add_sampling_args,
+    load_model,
+    result_dict,
+    sampling_kwargs,
+    stats_line,
+    write_stream,
 )
 
 __all__ = ["add_parser", "run", "ChatSession"]

@@ -15,8 +15,8 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Sequence
 
 from edgellm import __version__
 from edgellm.cli import bench, chat, convert, inspect, quickstart, run, verify

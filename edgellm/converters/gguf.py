@@ -13,13 +13,14 @@ transformers when available), then renamed into place with its manifest.
 from __future__ import annotations
 
 import logging
-import re
 import os
+import re
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 

@@ -16,8 +16,9 @@ graph for that architecture expects (llama.cpp ``convert_hf_to_gguf.py`` and
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from edgellm.errors import (
     InvalidInputError,
