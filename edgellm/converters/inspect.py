@@ -10,10 +10,17 @@ from edgellm.spec import ModelSpec
 
 __all__ = ["describe"]
 
-# llama.cpp ``llama_ftype`` ids -> names (gguf-py LlamaFileType), for files from elsewhere.
-_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
-               10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M",
-               16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 30: "IQ4_XS", 32: "BF16"}
+
+
+def _file_type_name(ftype: object) -> str | None:
+    """llama.cpp ``general.file_type`` id -> name (gguf-py ``LlamaFileType``), e.g. 15 -> Q4_K_M."""
+    from gguf.constants import LlamaFileType
+
+    try:
+        name = LlamaFileType(int(ftype)).name  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None if ftype is None else str(ftype)
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
 def _folder_bytes(artifact: Artifact) -> int:
@@ -27,7 +34,7 @@ def _describe_gguf(artifact: Artifact) -> dict[str, Any]:
     spec = ModelSpec.from_gguf_metadata(meta, source=str(artifact.model_file))
     ftype = meta.get("general.file_type")
     return {
-        "quantization": artifact.quantization or _FILE_TYPES.get(ftype, str(ftype)),
+        "quantization": artifact.quantization or _file_type_name(ftype),
         "spec": spec.to_dict(),
         "context_length": spec.max_positions,
         "tokenizer": {"model": meta.get("tokenizer.ggml.model"), "pre": meta.get("tokenizer.ggml.pre"),
