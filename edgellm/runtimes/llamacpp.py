@@ -25,6 +25,7 @@ from edgellm.errors import (
     InvalidInputError,
     InvalidModelError,
     MissingDependencyError,
+    NoCompatibleRuntimeError,
 )
 from edgellm.gguf_meta import read_gguf_metadata
 from edgellm.runtimes.base import RuntimeOptions
@@ -147,6 +148,7 @@ class LlamaCppRuntime:
         metadata = read_gguf_metadata(path, full_lists=False)  # validates before native code
         self.spec = ModelSpec.from_gguf_metadata(metadata, source=str(path))
         self._metadata = metadata
+        self.device = self._pick_device(options.device)
         self.threads = options.threads or _physical_cores()
         self.n_ctx = options.n_ctx or min(self.spec.max_positions, _DEFAULT_MAX_CTX)
         self.n_batch = min(self.n_ctx, int(options.extra.get("n_batch", 512)))
@@ -157,9 +159,22 @@ class LlamaCppRuntime:
         self.tokenizer = LlamaCppTokenizer(self._model, metadata)
         self._n_past = 0
 
+    def _pick_device(self, device: str) -> str:
+        """cpu, or gpu when this llama.cpp build can offload; "auto" takes the GPU if there is one."""
+        gpu = bool(llama_cpp.llama_supports_gpu_offload())
+        if device == "gpu" and not gpu:
+            raise NoCompatibleRuntimeError(
+                "device 'gpu' requested but this llama-cpp-python build has no GPU offload "
+                "(CPU-only build); use device='cpu', or reinstall llama-cpp-python with a GPU "
+                "backend (e.g. CMAKE_ARGS=\"-DGGML_CUDA=on\" or \"-DGGML_VULKAN=on\")",
+                {"llamacpp": "no GPU offload in this build"},
+            )
+        return "gpu" if device in ("gpu", "auto") and gpu else "cpu"
+
     def _load_model(self, path: Path, options: RuntimeOptions) -> Any:
         params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = int(options.extra.get("n_gpu_layers", 0 if options.device == "cpu" else 999))
+        default_layers = 999 if self.device == "gpu" else 0  # all layers offloaded on a GPU
+        params.n_gpu_layers = int(options.extra.get("n_gpu_layers", default_layers))
         params.use_mmap = bool(options.extra.get("use_mmap", True))
         try:
             return _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
@@ -243,7 +258,7 @@ class LlamaCppRuntime:
         """What runs where: backend, device, threads, context, file."""
         return {
             "backend": self.backend,
-            "device": "cpu",
+            "device": self.device,
             "threads": self.threads,
             "n_ctx": self.n_ctx,
             "n_batch": self.n_batch,
@@ -255,7 +270,8 @@ class LlamaCppRuntime:
 
     def close(self) -> None:
         """Free the native context and model."""
-        for obj in (getattr(self, "_batch", None), getattr(self, "_ctx", None), getattr(self, "_model", None)):
+        for obj in (getattr(self, "_batch", None), getattr(self, "_ctx", None),
+                    getattr(self, "_model", None)):
             if obj is not None:
                 obj.close()
         self._batch = self._ctx = self._model = None  # type: ignore[assignment]

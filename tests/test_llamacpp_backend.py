@@ -1,0 +1,102 @@
+"""The llama.cpp backend through the public API, on the packaged SmolLM2 GGUF."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgellm
+from edgellm import errors
+from edgellm.runtimes.base import Runtime, RuntimeOptions, open_runtime
+
+
+@pytest.fixture(scope="module")
+def model(smollm2_gguf: Path):
+    with edgellm.load(smollm2_gguf, n_ctx=512, threads=2) as m:
+        yield m
+
+
+def test_runtime_protocol_and_info(smollm2_gguf: Path) -> None:
+    rt = open_runtime(smollm2_gguf, "gguf", RuntimeOptions(n_ctx=128))
+    try:
+        assert isinstance(rt, Runtime)
+        assert rt.n_vocab == 49152 and rt.spec.n_layers == 30 and rt.spec.n_kv_heads == 3
+        info = rt.info()
+        assert info["backend"] == "llamacpp" and info["n_ctx"] == 128 and info["device"] == "cpu"
+        ids = rt.tokenizer.encode("Hello there", add_special=False)
+        last = rt.forward(ids).copy()
+        every = (rt.reset(), rt.forward(ids, all_logits=True))[1]
+        assert every.shape == (len(ids), 49152)
+        np.testing.assert_allclose(every[-1], last, atol=1e-3)
+        rt.trim(1)
+        assert rt.n_past == 1
+    finally:
+        rt.close()
+
+
+def test_greedy_is_deterministic_and_reuses_the_prompt_prefix(model) -> None:
+    first = model.generate("The capital of France is", max_tokens=12, temperature=0)
+    second = model.generate("The capital of France is", max_tokens=12, temperature=0)
+    assert first.text == second.text and first.completion_tokens == 12
+    assert second.timings.cached_tokens > 0  # the KV state of the prompt was kept
+
+
+def test_chat_template_and_stop(model) -> None:
+    result = model.chat([{"role": "user", "content": "What is the capital of France?"}],
+                        max_tokens=48, temperature=0, repeat_penalty=1.1)
+    assert "Paris" in result.text
+    assert "<|im_end|>" not in result.text and "<|im_start|>" not in result.text
+    cut = model.generate("1, 2, 3, 4, 5,", max_tokens=40, temperature=0, stop=[" 8"])
+    assert " 8" not in cut.text and cut.finish_reason == "stop"
+
+
+def test_stream_pieces_join_to_the_result(model) -> None:
+    pieces = list(model.stream("Emoji are fun: ", max_tokens=24, temperature=0))
+    assert "".join(pieces) == model.last_result.text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_devices(smollm2_gguf: Path) -> None:
+    import llama_cpp
+
+    if llama_cpp.llama_supports_gpu_offload():
+        with edgellm.load(smollm2_gguf, device="gpu", n_ctx=64) as m:
+            assert m.info()["device"] == "gpu"
+    else:
+        with pytest.raises(errors.NoCompatibleRuntimeError, match="no GPU offload"):
+            edgellm.load(smollm2_gguf, device="gpu", n_ctx=64)
+    with pytest.raises(errors.NoCompatibleRuntimeError, match="llamacpp: drives cpu, gpu, not npu"):
+        edgellm.load(smollm2_gguf, device="npu")
+    with pytest.raises(errors.UnknownDeviceError, match="'tpu'.*cpu, gpu, npu, auto"):
+        edgellm.load(smollm2_gguf, device="tpu")
+    with pytest.raises(errors.UnknownBackendError, match="'vllm'.*llamacpp"):
+        edgellm.load(smollm2_gguf, backend="vllm")
+    with pytest.raises(errors.InvalidInputError, match="n_ctx"):
+        edgellm.load(smollm2_gguf, n_ctx=0)
+
+
+def test_context_overflow_is_one_clear_error(smollm2_gguf: Path) -> None:
+    with edgellm.load(smollm2_gguf, n_ctx=32) as m:
+        with pytest.raises(errors.ContextOverflowError, match="context of 32"):
+            m.generate("word " * 100, max_tokens=4)
+        r = m.generate("Hi", max_tokens=1000, temperature=0, ignore_eos=True)
+        assert r.finish_reason == "length" and r.prompt_tokens + r.completion_tokens <= 32
+
+
+def test_verify_cli_records_parity(smollm2_gguf: Path, smollm2_hf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q8"
+    edgellm.convert(smollm2_gguf, out, quant="Q8_0")
+    manifest = json.loads((out / "edgellm.json").read_text())
+    assert manifest["parity"]["status"] == "skipped"  # a GGUF source has no reference
+    proc = subprocess.run([sys.executable, "-m", "edgellm", "verify", str(out), "--reference",
+                           str(smollm2_hf), "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert 0.8 <= report["top1_agreement"] <= 1.0 and report["mean_kl"] >= 0
+    manifest = json.loads((out / "edgellm.json").read_text())
+    assert manifest["parity"]["top1_agreement"] == report["top1_agreement"]
