@@ -48,7 +48,7 @@ def bench_raw(path: Path, tokens: int, threads: int, n_ctx: int) -> dict[str, fl
 
     llm = Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
     ids = llm.tokenize(PROMPT.encode(), add_bos=False)
-    for _ in zip(range(8), llm.generate(ids, temp=0.0, reset=True)):  # warm-up
+    for _ in zip(range(8), llm.generate(ids, temp=0.0, reset=True), strict=False):  # warm-up
         pass
     llm.reset()
     start = time.perf_counter()
@@ -83,7 +83,7 @@ def bench_decode(path: Path, repeats: int, tokens: int, threads: int, n_ctx: int
             runs[kind].append(_child(kind, str(path), tokens, threads, n_ctx))
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("decode_tps", "ttft_ms", "prefill_tps")}
            for k, v in runs.items()}
-    ratios = [e["decode_tps"] / r["decode_tps"] for e, r in zip(runs["edgellm"], runs["raw"])]
+    ratios = [e["decode_tps"] / r["decode_tps"] for e, r in zip(runs["edgellm"], runs["raw"], strict=True)]
     return {"median": med, "runs": runs, "ratio_median": statistics.median(ratios), "ratios": ratios,
             "ratio_of_medians": med["edgellm"]["decode_tps"] / med["raw"]["decode_tps"]}
 
@@ -117,7 +117,8 @@ def write_markdown(decode: dict, convert: list, machine: dict, args: argparse.Na
         "each in a fresh process.", "",
         "| runtime | decode tok/s | TTFT ms | prefill tok/s |", "|---|---:|---:|---:|",
     ]
-    for name, label in (("edgellm", "edgellm (llamacpp backend)"), ("raw", "llama-cpp-python Llama.generate")):
+    for name, label in (("edgellm", "edgellm (llamacpp backend)"),
+                        ("raw", "llama-cpp-python Llama.generate")):
         m = med[name]
         lines.append(f"| {label} | {m['decode_tps']:.1f} | {m['ttft_ms']:.1f} | {m['prefill_tps']:.1f} |")
     lines += ["", f"**Decode ratio edgellm / raw: {decode['ratio_of_medians']:.3f}** (ratio of the "
@@ -128,7 +129,8 @@ def write_markdown(decode: dict, convert: list, machine: dict, args: argparse.Na
               "safetensors), parity step off:", "",
               "| quant | wall s | peak RSS MiB | output MiB |", "|---|---:|---:|---:|"]
     for row in convert:
-        lines.append(f"| {row['quant']} | {row['seconds']:.1f} | {row['peak_rss_mib']:.0f} | {row['output_mib']:.0f} |")
+        lines.append(f"| {row['quant']} | {row['seconds']:.1f} | {row['peak_rss_mib']:.0f} "
+                     f"| {row['output_mib']:.0f} |")
     peak = max(row["peak_rss_mib"] for row in convert)
     lines += ["", f"Largest converter peak RSS: {peak:.0f} MiB against {src_bytes / 2**20:.0f} MiB of "
               f"weights; the largest tensor (49152x576 embedding) is {largest_mib:.0f} MiB in float32. "

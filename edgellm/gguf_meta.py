@@ -155,7 +155,9 @@ def read_gguf_header(path: Path, full_lists: bool = False) -> GGUFHeader:
                     "re-download or re-convert it"
                 ) from None
             except (ValueError, KeyError, struct.error) as exc:
-                raise InvalidModelError(f"{path}: damaged GGUF header ({exc}); re-download or re-convert it") from None
+                raise InvalidModelError(
+                    f"{path}: damaged GGUF header ({exc}); re-download or re-convert it"
+                ) from None
     for t in header.tensors:
         if t.start + t.nbytes > size:
             raise InvalidModelError(

@@ -34,7 +34,8 @@ _REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(_REPO_ROOT) not in sys.path:  # so `tests.fixtures` and `edgellm` import uninstalled
     sys.path.insert(0, str(_REPO_ROOT))
 
-from tests.fixtures import require, smollm2, tiny_models
+# After the environment variables above and the sys.path insert: keep this order.
+from tests.fixtures import require, smollm2, tiny_models  # noqa: E402
 
 _CONVERT_STACK = ("torch", "transformers", "safetensors")
 _SHARD_SIZE = "200KB"  # a tiny model is ~0.7 MB in float32: this gives several shards

@@ -137,7 +137,9 @@ def test_bad_sampling_value_is_exit_2(fake_model: Path, capsys: pytest.CaptureFi
     _assert_one_error_line(capsys.readouterr().err, "top_p")
 
 
-def test_runtime_failure_is_exit_1(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_runtime_failure_is_exit_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     def boom(args: object) -> int:
         raise BackendError("llama.cpp failed on model.gguf: out of memory")
 

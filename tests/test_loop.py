@@ -149,7 +149,8 @@ def test_chat_uses_default_chatml_with_one_bos() -> None:
 
 
 def test_chat_template_that_writes_bos_gets_no_second_one() -> None:
-    template = "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant] "
+    template = ("{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+                "[assistant] ")
     model, rt = make("Sure.", chat_template=template)
     result = model.chat([{"role": "user", "content": "Go"}], **GREEDY)
     prompt = rt.state[: result.prompt_tokens]

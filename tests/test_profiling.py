@@ -69,7 +69,7 @@ def test_sampler_stops_its_thread_on_error() -> None:
     before = {t.name for t in threading.enumerate()}
     with pytest.raises(ZeroDivisionError):
         with MemorySampler() as mem:
-            1 / 0
+            raise ZeroDivisionError("failure inside the sampled block")
     assert not any(t.name == "edgellm-rss" and t.is_alive() for t in threading.enumerate()
                    if t.name not in before)
     n = len(mem.timeline)

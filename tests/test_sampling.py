@@ -79,7 +79,7 @@ def _reference(logits: np.ndarray, p: SamplingParams) -> dict[int, float]:
     keep = probs >= p.min_p * probs[0]
     order, cand = order[keep], cand[keep]
     final = np.exp((cand - cand[0]) / p.temperature)
-    return dict(zip(order.tolist(), (final / final.sum()).tolist()))
+    return dict(zip(order.tolist(), (final / final.sum()).tolist(), strict=True))
 
 
 def _cliff(n: int = 5000) -> np.ndarray:

@@ -76,7 +76,9 @@ def test_chat_answers_paris(artifacts) -> None:
     assert "Paris" in proc.stdout
 
 
-def test_requantize_packaged_gguf_with_reference(smollm2_gguf: Path, smollm2_hf: Path, tmp_path: Path) -> None:
+def test_requantize_packaged_gguf_with_reference(
+    smollm2_gguf: Path, smollm2_hf: Path, tmp_path: Path
+) -> None:
     a = edgellm.convert(smollm2_gguf, tmp_path / "q4_0", quant="Q4_0", verify_with=smollm2_hf)
     assert a.manifest["source"]["source_kind"] == "gguf"
     assert a.manifest["parity"]["status"] == "measured"

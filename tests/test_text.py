@@ -12,7 +12,8 @@ from edgellm.text.chat import DEFAULT_CHATML, render_chat
 from edgellm.text.tokenizer import HFTokenizer, Tokenizer, bytes_to_unicode
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CORPUS = ["hello world, the quick brown fox jumps over the lazy dog.", "café au lait", "chat models talk"] * 40
+CORPUS = ["hello world, the quick brown fox jumps over the lazy dog.", "café au lait",
+          "chat models talk"] * 40
 TEXTS = ["hello world", "café 🙂 日本語", "  two spaces\nnew line\ttab", "<|im_start|>user\nhi<|im_end|>"]
 
 
@@ -171,18 +172,21 @@ MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 def test_default_chatml() -> None:
     out = render_chat(DEFAULT_CHATML, MSGS, bos_token="<s>", eos_token="</s>")
-    assert out == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert out == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                   "<|im_start|>assistant\n")
     no_prompt = render_chat(DEFAULT_CHATML, MSGS, bos_token=None, eos_token=None, add_generation_prompt=False)
     assert not no_prompt.endswith("assistant\n")
 
 
 def test_trim_blocks_and_bos() -> None:
     template = "{{ bos_token }}\n  {% for m in messages %}\n{{ m.role }}: {{ m.content }}\n  {% endfor %}"
-    assert render_chat(template, MSGS, bos_token="<s>", eos_token=None) == "<s>\nsystem: Be brief.\nuser: Hi\n"
+    out = render_chat(template, MSGS, bos_token="<s>", eos_token=None)
+    assert out == "<s>\nsystem: Be brief.\nuser: Hi\n"
 
 
 def test_raise_exception_from_template() -> None:
-    template = "{% if messages[0].role != 'user' %}{{ raise_exception('first message must be user') }}{% endif %}"
+    template = ("{% if messages[0].role != 'user' %}"
+                "{{ raise_exception('first message must be user') }}{% endif %}")
     with pytest.raises(InvalidInputError, match="first message must be user"):
         render_chat(template, MSGS, bos_token=None, eos_token=None)
 
@@ -197,7 +201,8 @@ def test_tojson_keeps_unicode_and_indents() -> None:
 
 
 def test_strftime_and_loopcontrols() -> None:
-    template = "{{ strftime_now('%Y') }}{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.role }}{% endfor %}"
+    template = ("{{ strftime_now('%Y') }}{% for m in messages %}"
+                "{% if loop.index > 1 %}{% break %}{% endif %}{{ m.role }}{% endfor %}")
     out = render_chat(template, MSGS, bos_token=None, eos_token=None)
     assert out[:4].isdigit() and out[4:] == "system"
 

@@ -111,7 +111,8 @@ def _plan_tensors(ckpt: Checkpoint, cfg: dict[str, Any], spec: ModelSpec, rules:
                 f"{info.file}: tensor {name!r} has no GGUF name for a {spec.architecture} model; "
                 "the checkpoint does not match its config.json architecture"
             )
-        plans.append(_TensorPlan(gguf_name, name, None, info.shape, _output_type(info.shape, target, gguf_name)))
+        plans.append(_TensorPlan(gguf_name, name, None, info.shape,
+                                 _output_type(info.shape, target, gguf_name)))
     for gguf_name, data in rules.extra_tensors(cfg, spec):
         plans.append(_TensorPlan(gguf_name, None, data, data.shape, "F32"))
     return plans
@@ -178,7 +179,8 @@ def _write_gguf(src: Path, dest: Path, ckpt: Checkpoint, cfg: dict[str, Any], sp
     for plan in plans:
         raw_dtype = gguf.GGMLQuantizationType[plan.qtype]
         np_dtype = {"F32": np.float32, "F16": np.float16}.get(plan.qtype, np.uint8)
-        shape = plan.shape if np_dtype is not np.uint8 else gguf.quant_shape_to_byte_shape(plan.shape, raw_dtype)
+        shape = (plan.shape if np_dtype is not np.uint8
+                 else gguf.quant_shape_to_byte_shape(plan.shape, raw_dtype))
         writer.add_tensor_info(plan.gguf_name, shape, np.dtype(np_dtype), _nbytes(plan.shape, plan.qtype),
                                raw_dtype=None if np_dtype is not np.uint8 else raw_dtype)
     writer.write_header_to_file(dest)

@@ -130,7 +130,9 @@ def _spm_tokens(folder: Path, n_vocab: int) -> tuple[list[bytes], list[float], l
     return tokens, scores, types
 
 
-def add_vocab(writer: Any, folder: Path, n_vocab: int, add_space_prefix: bool | None = None) -> dict[str, Any]:
+def add_vocab(
+    writer: Any, folder: Path, n_vocab: int, add_space_prefix: bool | None = None
+) -> dict[str, Any]:
     """Write the tokenizer of HF checkpoint ``folder`` into ``writer``; return a summary."""
     import gguf
 

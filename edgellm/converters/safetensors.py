@@ -94,7 +94,9 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: in
         shape = tuple(int(d) for d in entry["shape"])  # type: ignore[index]
         begin, end = (int(x) for x in entry["data_offsets"])  # type: ignore[index]
     except (TypeError, KeyError, ValueError):
-        raise InvalidModelError(f"{path}: malformed header entry for tensor {name!r}; re-download it") from None
+        raise InvalidModelError(
+            f"{path}: malformed header entry for tensor {name!r}; re-download it"
+        ) from None
     if dtype not in _DTYPES:
         raise InvalidModelError(
             f"{path}: tensor {name!r} has dtype {dtype!r}; supported: {', '.join(_DTYPES)}"

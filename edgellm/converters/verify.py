@@ -118,7 +118,7 @@ def _divergence(mine: list[int], cont: list[int], ref_logits: np.ndarray) -> dic
     ``ref_margin`` is the reference's own top-1 minus top-2 logit at that step: a flip where
     it is below the artifact's logit error is a tie, not a conversion fault.
     """
-    for i, (a, b) in enumerate(zip(mine, cont)):
+    for i, (a, b) in enumerate(zip(mine, cont, strict=False)):  # compare the common prefix
         if a != b:
             top2 = np.sort(ref_logits[i])[-2:]
             return {"first_divergence": i, "ref_margin": float(top2[1] - top2[0])}

@@ -225,7 +225,9 @@ def open_runtime(
     try:
         module = importlib.import_module(spec.module)
     except ImportError as exc:
-        raise MissingDependencyError(spec.requires or spec.module, spec.extra, f"backend {spec.name!r}") from exc
+        raise MissingDependencyError(
+            spec.requires or spec.module, spec.extra, f"backend {spec.name!r}"
+        ) from exc
     return module.open(Path(path), options)
 
 

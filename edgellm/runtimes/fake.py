@@ -3,7 +3,8 @@
 Like httpx's ``MockTransport``: no model files, no native library. The tokenizer is
 byte-level (ids 0-255 are bytes, then a few special tokens) and the "model" replies with
 a script: given the ids so far, the logits make the next byte of the script the argmax,
-then EOS. Special token texts in the script (``"<|im_end|>"``) are emitted as those tokens. Greedy decoding therefore reproduces the script exactly, multi-byte UTF-8
+then EOS. Special token texts in the script (``"<|im_end|>"``) are emitted as those tokens.
+Greedy decoding therefore reproduces the script exactly, multi-byte UTF-8
 included ("é" is two tokens, "🙂" four), which exercises streaming and stop strings.
 
 Where the reply stands is read from the state itself: the longest suffix of the state
@@ -118,7 +119,9 @@ class FakeRuntime:
             intermediate_size=128, vocab_size=self.n_vocab, max_positions=self.n_ctx,
         )
         # Special token texts in the script (e.g. "<|im_end|>") become their ids.
-        self._reply = [*self.tokenizer.encode(self.script, add_special=False), self.tokenizer.specials["</s>"]]
+        self._reply = [
+            *self.tokenizer.encode(self.script, add_special=False), self.tokenizer.specials["</s>"]
+        ]
         self._base = np.random.default_rng(0).uniform(-1, 1, self.n_vocab).astype(np.float32)
         self._state: list[int] = []
         self._closed = False
@@ -207,9 +210,13 @@ def open(path: str | Path, options: RuntimeOptions) -> FakeRuntime:
         try:
             config = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidModelError(f"fake model file {p} is not valid JSON ({exc}); write {{\"script\": \"...\"}}") from None
+            raise InvalidModelError(
+                f"fake model file {p} is not valid JSON ({exc}); write {{\"script\": \"...\"}}"
+            ) from None
         if not isinstance(config, dict):
-            raise InvalidModelError(f"fake model file {p} must hold a JSON object like {{\"script\": \"...\"}}")
+            raise InvalidModelError(
+                f"fake model file {p} must hold a JSON object like {{\"script\": \"...\"}}"
+            )
     config.update({k: v for k, v in options.extra.items() if k in ("script", "chat_template", "n_vocab")})
     return FakeRuntime(
         config.get("script"),

@@ -394,5 +394,6 @@ class Generation:
             decode_tps=decode_forwards / decode_s if decode_s > 0 and decode_forwards else 0.0,
             cached_tokens=n_prompt - evaluated,
         )
-        logger.debug("generation: %d+%d tokens, %s, %.1f decode tok/s", n_prompt, n_out, finish, timings.decode_tps)
+        logger.debug("generation: %d+%d tokens, %s, %.1f decode tok/s",
+                     n_prompt, n_out, finish, timings.decode_tps)
         return Result("".join(pieces), generated, finish, timings, n_prompt, n_out)

@@ -59,8 +59,10 @@ class SamplingParams:
             ("temperature", _is_real(self.temperature) and math.isfinite(self.temperature),
              "a finite number (<= 0 for greedy)"),
             ("top_k", _is_int(self.top_k) and self.top_k >= 0, "an int >= 0 (0 turns top-k off)"),
-            ("top_p", _is_real(self.top_p) and 0.0 < self.top_p <= 1.0, "a number in (0, 1] (1 turns top-p off)"),
-            ("min_p", _is_real(self.min_p) and 0.0 <= self.min_p <= 1.0, "a number in [0, 1] (0 turns min-p off)"),
+            ("top_p", _is_real(self.top_p) and 0.0 < self.top_p <= 1.0,
+             "a number in (0, 1] (1 turns top-p off)"),
+            ("min_p", _is_real(self.min_p) and 0.0 <= self.min_p <= 1.0,
+             "a number in [0, 1] (0 turns min-p off)"),
             ("repeat_penalty",
              _is_real(self.repeat_penalty) and math.isfinite(self.repeat_penalty) and self.repeat_penalty > 0,
              "a number > 0 (1.0 turns it off)"),
@@ -69,7 +71,9 @@ class SamplingParams:
         )
         for name, ok, allowed in checks:
             if not ok:
-                raise InvalidInputError(f"invalid sampling parameter {name}={getattr(self, name)!r}; it must be {allowed}")
+                raise InvalidInputError(
+                    f"invalid sampling parameter {name}={getattr(self, name)!r}; it must be {allowed}"
+                )
 
     @property
     def greedy(self) -> bool:

@@ -51,7 +51,8 @@ def _tojson(
     sort_keys: bool = False,
 ) -> str:
     # Jinja2's own tojson escapes HTML characters and ASCII-fies; templates expect neither.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
 
 
 @lru_cache(maxsize=16)
@@ -86,9 +87,13 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
         )
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
-            raise InvalidInputError(f"messages[{i}] must be a dict with 'role' and 'content', not {type(msg).__name__}")
+            raise InvalidInputError(
+                f"messages[{i}] must be a dict with 'role' and 'content', not {type(msg).__name__}"
+            )
         if not isinstance(msg.get("role"), str):
-            raise InvalidInputError(f"messages[{i}] needs a str 'role' (e.g. 'user'), got {msg.get('role')!r}")
+            raise InvalidInputError(
+                f"messages[{i}] needs a str 'role' (e.g. 'user'), got {msg.get('role')!r}"
+            )
         content = msg.get("content")
         if not isinstance(content, str) and not (content is None and msg.get("tool_calls")):
             raise InvalidInputError(

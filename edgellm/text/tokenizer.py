@@ -180,7 +180,9 @@ class HFTokenizer:
 
         folder = Path(path)
         if not folder.is_dir():
-            raise ModelNotFoundError(f"tokenizer folder {str(folder)!r} does not exist; pass the model folder")
+            raise ModelNotFoundError(
+                f"tokenizer folder {str(folder)!r} does not exist; pass the model folder"
+            )
         tok_file = folder / "tokenizer.json"
         if not tok_file.is_file():
             raise InvalidModelError(
