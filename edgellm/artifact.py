@@ -21,6 +21,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from edgellm._jsonfile import read_json_object
 from edgellm.errors import InvalidModelError, ModelNotFoundError, UnsupportedFormatError
 
 __all__ = ["MANIFEST_NAME", "Format", "Artifact", "find_artifact", "write_manifest", "read_manifest"]
@@ -66,11 +67,8 @@ class Artifact:
 def read_manifest(folder: Path) -> dict[str, Any]:
     """Load ``edgellm.json`` from ``folder``; a damaged manifest is an error that says so."""
     path = folder / MANIFEST_NAME
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidModelError(f"{path}: unreadable manifest ({exc}); re-convert the model") from None
-    if not isinstance(data, dict) or "format" not in data:
+    data = read_json_object(path, "re-convert the model")
+    if "format" not in data:
         raise InvalidModelError(f"{path}: not an edgellm manifest (no 'format'); re-convert the model")
     return data
 

@@ -10,12 +10,12 @@ Supported architectures are rows of :data:`ARCHITECTURES`; adding one is adding 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from edgellm._jsonfile import read_json_object
 from edgellm.errors import InvalidModelError, ModelNotFoundError, UnsupportedArchitectureError
 
 __all__ = ["Architecture", "ARCHITECTURES", "ModelSpec", "architecture_for"]
@@ -154,12 +154,7 @@ class ModelSpec:
             raise ModelNotFoundError(
                 f"{config_path}: no config.json; a Hugging Face checkpoint folder needs one"
             )
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidModelError(f"{config_path}: not valid JSON ({exc}); fix or re-download it") from None
-        if not isinstance(config, dict):
-            raise InvalidModelError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+        config = read_json_object(config_path, "fix or re-download it")
         return cls.from_hf_config(config, source=str(config_path))
 
     @classmethod

@@ -16,11 +16,11 @@ Special token ids, merges, add-BOS flags and the chat template come from gguf-py
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from edgellm._jsonfile import read_json_object
 from edgellm.errors import ConversionError, InvalidModelError
 
 logger = logging.getLogger(__name__)
@@ -68,13 +68,7 @@ def pre_tokenizer_signature(tokenizer_json: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidModelError(f"{path}: unreadable ({exc}); re-download the tokenizer files") from None
-    if not isinstance(data, dict):
-        raise InvalidModelError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path, "re-download the tokenizer files")
 
 
 def _bpe_tokens(folder: Path, tok: dict[str, Any], n_vocab: int) -> tuple[list[str], list[int], str]:

@@ -14,7 +14,6 @@ reply). Tests can check prefix reuse with ``forward_calls`` and ``evaluated_toke
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -24,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgellm.errors import BackendError, InvalidInputError, InvalidModelError
+from edgellm._jsonfile import read_json_object
+from edgellm.errors import BackendError, InvalidInputError
 from edgellm.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -207,16 +207,7 @@ def open(path: str | Path, options: RuntimeOptions) -> FakeRuntime:
     config: dict[str, Any] = {}
     p = Path(path)
     if p.is_file():
-        try:
-            config = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidModelError(
-                f"fake model file {p} is not valid JSON ({exc}); write {{\"script\": \"...\"}}"
-            ) from None
-        if not isinstance(config, dict):
-            raise InvalidModelError(
-                f"fake model file {p} must hold a JSON object like {{\"script\": \"...\"}}"
-            )
+        config = read_json_object(p, 'a fake model file holds {"script": "..."}')
     config.update({k: v for k, v in options.extra.items() if k in ("script", "chat_template", "n_vocab")})
     return FakeRuntime(
         config.get("script"),

@@ -17,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from edgellm._jsonfile import read_json_object
 from edgellm.errors import InvalidModelError, ModelNotFoundError
 
 if TYPE_CHECKING:
@@ -276,15 +277,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path``; {} when the file is absent."""
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidModelError(
-            f"{path} is not valid JSON ({_one_line(exc)}); copy it again from the source model"
-        ) from None
-    if not isinstance(data, dict):
-        raise InvalidModelError(f"{path} must hold a JSON object, not {type(data).__name__}")
-    return data
+    return read_json_object(path, "copy it again from the source model")
 
 
 def _eos_ids(value: Any) -> list[int]:
