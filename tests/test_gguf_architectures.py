@@ -118,3 +118,31 @@ def test_llama_cpp_quantizer_types(quant: str, tiny_model, tmp_path: Path) -> No
     assert info["quantization"] == quant
     # no intermediate or log files are left beside the model
     assert sorted(p.name for p in a.path.iterdir()) == sorted([a.model_file.name, "edgellm.json"])
+
+
+ROPE_SCALINGS = {
+    # Llama 3.1/3.2 checkpoints ship this: llama.cpp needs a rope_freqs tensor from the converter
+    "llama3": ("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "linear": ("qwen2", {"rope_type": "linear", "factor": 4.0}),
+    "yarn": ("qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ROPE_SCALINGS))
+def test_rope_scaling_matches_pytorch(kind: str, tmp_path: Path) -> None:
+    arch, rope = ROPE_SCALINGS[kind]
+    src = tiny_models.build_tiny_model(arch, tmp_path / "src", config_overrides={"rope_scaling": rope})
+    artifact = edgellm.convert(src, tmp_path / "out", quant="F32", prompts=PARITY_PROMPTS)
+    assert artifact.manifest["parity"]["top1_agreement"] >= 0.98
+    runtime = open_runtime(artifact.model_file, "gguf", RuntimeOptions(n_ctx=256))
+    try:
+        ids = runtime.tokenizer.encode(PROMPT * 3, add_special=False)  # long enough for RoPE to matter
+        got = runtime.forward(ids, all_logits=True)
+    finally:
+        runtime.close()
+    want = tiny_models.reference_logits(src, ids)
+    assert float(np.abs(got - want).max()) <= TOLERANCE["F16"][0]
+    # and the scaling is really in effect: without it, PyTorch gives different logits
+    plain = tiny_models.build_tiny_model(arch, tmp_path / "plain")
+    assert float(np.abs(tiny_models.reference_logits(plain, ids) - want).max()) > 0.1
