@@ -146,3 +146,16 @@ def test_rope_scaling_matches_pytorch(kind: str, tmp_path: Path) -> None:
     # and the scaling is really in effect: without it, PyTorch gives different logits
     plain = tiny_models.build_tiny_model(arch, tmp_path / "plain")
     assert float(np.abs(tiny_models.reference_logits(plain, ids) - want).max()) > 0.1
+
+
+def test_progress_reports_writing_and_quantizing(tiny_model, tmp_path: Path) -> None:
+    calls: list[tuple[int, int, str]] = []
+    edgellm.convert(tiny_model("llama"), tmp_path / "q", quant="Q4_K_M", verify=False,
+                    progress=lambda done, total, name: calls.append((done, total, name)))
+    writing = [c for c in calls if not c[2].startswith("quantize")]
+    quantizing = [c for c in calls if c[2] == "quantize Q4_K_M"]
+    assert writing and quantizing
+    assert [d for d, _, _ in writing] == sorted(d for d, _, _ in writing)
+    assert writing[-1][0] == writing[-1][1]  # the intermediate was written completely
+    assert quantizing[-1][0] == quantizing[-1][1] == (tmp_path / "q" / f"{tiny_model('llama').name}"
+                                                      "-Q4_K_M.gguf").stat().st_size

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -214,8 +215,27 @@ def _native_stderr_to(path: Path) -> Iterator[None]:
             os.close(saved)
 
 
-def llama_quantize(src: Path, dest: Path, quant: str, threads: int | None = None) -> None:
-    """Run llama.cpp's quantizer; its log is kept only to explain a failure."""
+def _estimated_bytes(src: Path, quant: str) -> int:
+    """Rough output size for the progress bar: parameters x bits of the type's main block."""
+    import gguf
+
+    from edgellm.gguf_meta import gguf_summary
+
+    base = re.sub(r"_(XXS|XS|S|M|L|NL)$", "", quant) if quant.endswith(("_S", "_M", "_L")) else quant
+    try:
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[base]]
+    except KeyError:
+        block, size = 32, 18  # 4.5 bits per weight
+    return int(gguf_summary(src)["n_params"] * size / block)
+
+
+def llama_quantize(src: Path, dest: Path, quant: str, threads: int | None = None,
+                   progress: ProgressFn | None = None) -> None:
+    """Run llama.cpp's quantizer; its log is kept only to explain a failure.
+
+    The native call runs in a thread (ctypes releases the GIL) while this one reports the
+    output's growth against an estimate, so a long quantization is not silent.
+    """
     try:
         import llama_cpp
     except ImportError:
@@ -225,13 +245,24 @@ def llama_quantize(src: Path, dest: Path, quant: str, threads: int | None = None
     params.nthread = threads or (os.cpu_count() or 1)
     params.allow_requantize = True
     log = dest.with_suffix(".quantize.log")
+    result: list[int] = []
+    expected = _estimated_bytes(src, quant) if progress else 0
     with _native_stderr_to(log):
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dest).encode(), params)
-    if rc != 0:
+        worker = threading.Thread(target=lambda: result.append(
+            llama_cpp.llama_model_quantize(str(src).encode(), str(dest).encode(), params)))
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.2)
+            if progress and dest.exists():
+                progress(min(dest.stat().st_size, int(expected * 0.99)), expected, f"quantize {quant}")
+    if not result or result[0] != 0:
         lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
         last = lines[-1].strip() if lines else "no message"
         raise ConversionError(f"llama.cpp could not quantize {src.name} to {quant}: {last}")
     log.unlink(missing_ok=True)
+    if progress:
+        size = dest.stat().st_size
+        progress(size, size, f"quantize {quant}")
 
 
 # ------------------------------------------------------------------------ entry point
@@ -268,19 +299,20 @@ def _from_hf(src: Path, staging: Path, quant: str, allow_pickle: bool,
     finally:
         ckpt.close()
     if first != final:
-        llama_quantize(first, final, quant)
+        llama_quantize(first, final, quant, progress=progress)
         first.unlink()
     return final, spec, {"source_kind": "hf", **details}
 
 
-def _from_gguf(src: Path, staging: Path, quant: str) -> tuple[Path, ModelSpec, dict[str, Any]]:
+def _from_gguf(src: Path, staging: Path, quant: str,
+               progress: ProgressFn | None) -> tuple[Path, ModelSpec, dict[str, Any]]:
     from edgellm.gguf_meta import read_gguf_metadata
 
     meta = read_gguf_metadata(src)
     spec = ModelSpec.from_gguf_metadata(meta, source=str(src))
     stem = src.stem.rsplit(".", 1)[0] if "." in src.stem else src.stem
     final = staging / f"{stem}-{quant}.gguf"
-    llama_quantize(src, final, quant)
+    llama_quantize(src, final, quant, progress=progress)
     return final, spec, {"source_kind": "gguf", "source_file_type": meta.get("general.file_type")}
 
 
@@ -303,7 +335,7 @@ def convert_to_gguf(
         if src.is_dir():
             model_file, spec, details = _from_hf(src, stage.path, quant, allow_pickle, progress)
         else:
-            model_file, spec, details = _from_gguf(src, stage.path, quant)
+            model_file, spec, details = _from_gguf(src, stage.path, quant, progress)
         manifest: dict[str, Any] = {
             "format": Format.GGUF.value,
             "files": {"model": model_file.name},
