@@ -14,6 +14,7 @@ __all__ = ["CONVERTERS", "get_converter"]
 #: format -> (module, function). Adding a format is adding a row and a file.
 CONVERTERS: dict[Format, tuple[str, str]] = {
     Format.GGUF: ("edgellm.converters.gguf", "convert_to_gguf"),
+    Format.OPENVINO: ("edgellm.converters.openvino", "convert_to_openvino"),
 }
 
 

@@ -42,7 +42,7 @@ N_GREEDY = 32
 
 #: Minimum top-1 agreement a fresh conversion must reach, by output type. A lower
 #: number means the converter got the graph wrong, not that precision was lost.
-CONVERSION_GATES: dict[str, float] = {"F32": 0.98, "F16": 0.90, "BF16": 0.85}
+CONVERSION_GATES: dict[str, float] = {"F32": 0.98, "F16": 0.90, "BF16": 0.85, "FP32": 0.98, "FP16": 0.90}
 
 
 @dataclass(frozen=True)
@@ -188,13 +188,13 @@ def verify_artifact(path: Path, reference: Path, prompts: Sequence[str] | None =
 
 
 def check_after_convert(model_file: Path, reference: Path | None, quant: str,
-                        prompts: Sequence[str] | None) -> dict[str, Any]:
-    """Parity of a freshly written GGUF, gated for lossless types; a skip says why."""
+                        prompts: Sequence[str] | None, fmt: str = "gguf") -> dict[str, Any]:
+    """Parity of a freshly written artifact, gated for lossless types; a skip says why."""
     if reference is None:
         return {"status": "skipped", "reason": "no Hugging Face reference; run: edgellm verify "
                 "ARTIFACT --reference HF_DIR"}
     try:
-        runtime = _open(model_file, "gguf")
+        runtime = _open(model_file, fmt)
     except MissingDependencyError as exc:
         return {"status": "skipped", "reason": str(exc)}
     try:
