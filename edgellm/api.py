@@ -73,7 +73,7 @@ def convert(
     src: str | os.PathLike[str],
     output: str | os.PathLike[str],
     format: str = "gguf",
-    quant: str = "f16",
+    quant: str | None = None,
     *,
     force: bool = False,
     allow_pickle: bool = False,
@@ -81,23 +81,28 @@ def convert(
     verify_with: str | os.PathLike[str] | None = None,
     prompts: Sequence[str] | None = None,
     progress: ProgressFn | None = None,
+    **options: Any,
 ) -> Artifact:
     """Convert ``src`` (HF checkpoint folder or GGUF file) into a ``format`` artifact at ``output``.
 
     The result is written to a temporary folder beside ``output``, verified, and renamed
     into place only when complete. Parity against the HF source (or ``verify_with``, a HF
     checkpoint) is measured and recorded in the manifest when transformers is installed;
-    ``verify=False`` skips that (the manifest says so).
+    ``verify=False`` skips that (the manifest says so). ``quant`` defaults to the format's
+    lossless-enough type (GGUF F16, OpenVINO fp16). Format-specific ``options`` go to the
+    converter (OpenVINO: ``npu``, ``sym``, ``ratio``).
     """
     from edgellm.converters import get_converter
 
     fmt = Format.parse(format)
     converter = get_converter(fmt)
+    if quant is not None:
+        options["quant"] = quant
     return converter(
-        Path(src), Path(output), quant,
+        Path(src), Path(output),
         force=force, allow_pickle=allow_pickle, verify=verify,
         reference=Path(verify_with) if verify_with else None,
-        prompts=list(prompts) if prompts else None, progress=progress,
+        prompts=list(prompts) if prompts else None, progress=progress, **options,
     )
 
 

@@ -37,6 +37,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true",
                    help="skip the parity check (the manifest records that it was skipped)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    ov = p.add_argument_group("OpenVINO weight compression (--format openvino)")
+    ov.add_argument("--npu", action="store_true",
+                    help="target an Intel NPU: symmetric int4, channel-wise")
+    sym = ov.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric int4/int8")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric int4/int8 (default)")
+    ov.add_argument("--ratio", type=float, help="share of layers in int4, the rest int8 (0-1]")
     return p
 
 
@@ -88,6 +95,11 @@ def run(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {} if args.quant is None else {"quant": args.quant}
     if args.no_verify:
         kwargs["verify"] = False
+    for name in ("sym", "ratio"):
+        if getattr(args, name, None) is not None:
+            kwargs[name] = getattr(args, name)
+    if getattr(args, "npu", False):
+        kwargs["npu"] = True
     bar = ProgressBar()
     try:
         artifact = edgellm.convert(

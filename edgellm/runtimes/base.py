@@ -243,6 +243,15 @@ for _row in (
         description="llama.cpp through llama-cpp-python",
     ),
     BackendSpec(
+        name="openvino",
+        module="edgellm.runtimes.openvino",
+        formats=("openvino",),
+        devices=("cpu", "gpu", "npu"),
+        requires="openvino",
+        extra="openvino",
+        description="OpenVINO Runtime (stateful IR)",
+    ),
+    BackendSpec(
         name="fake",
         module="edgellm.runtimes.fake",
         formats=("fake",),

@@ -1,0 +1,315 @@
+"""The OpenVINO backend: a *stateful* OpenVINO IR as exported by optimum-intel.
+
+The IR (``openvino_model.xml`` + ``.bin``) takes ``input_ids``, ``attention_mask``,
+``position_ids`` and ``beam_idx`` and returns ``logits``; the KV cache lives in the
+model's variable states, so each inference appends to it. The folder beside the IR holds
+``config.json`` (read into a :class:`~edgellm.spec.ModelSpec`) and the tokenizer files
+(read by :class:`~edgellm.text.tokenizer.HFTokenizer`): at run time this module imports
+only openvino, numpy and edgellm, never optimum, transformers or torch.
+
+OpenVINO states cannot be cut at an arbitrary position, so :meth:`OpenVINORuntime.trim`
+resets the state and re-feeds the kept token ids (recorded as they go in). Device choice
+and compile properties are small pure functions over tables (:func:`select_device`,
+:func:`build_properties`) so they can be tested against a faked device list.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgellm.errors import (
+    BackendError,
+    ContextOverflowError,
+    InvalidInputError,
+    InvalidModelError,
+    MissingDependencyError,
+    ModelNotFoundError,
+    NoCompatibleRuntimeError,
+)
+from edgellm.runtimes.base import RuntimeOptions
+from edgellm.spec import ModelSpec
+from edgellm.text.tokenizer import HFTokenizer
+
+try:
+    import openvino as ov
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise MissingDependencyError("openvino", "openvino", "the OpenVINO backend") from exc
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "OV_DEVICES",
+    "KV_CACHE_PRECISIONS",
+    "OpenVINORuntime",
+    "build_properties",
+    "default_cache_dir",
+    "open",
+    "select_device",
+]
+
+#: edgellm device name -> OpenVINO device name. AUTO is OpenVINO's virtual device.
+OV_DEVICES = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU", "auto": "AUTO"}
+
+#: options.extra["kv_cache_precision"] -> value of the KV_CACHE_PRECISION property
+#: (``ov.properties.hint.kv_cache_precision()`` is the key "KV_CACHE_PRECISION" in 2026.x).
+KV_CACHE_PRECISIONS = {"u8": "u8", "f16": "f16", "f32": "f32"}
+
+#: options.extra["precision"] -> INFERENCE_PRECISION_HINT; None leaves the device default
+#: (bf16 on CPUs with AMX/avx512_bf16, f16 on GPU, f32 elsewhere).
+INFERENCE_PRECISIONS: dict[str | None, str | None] = {None: None, "f32": "f32", "f16": "f16",
+                                                      "bf16": "bf16"}
+
+#: Which compile properties each OpenVINO device accepts. A property a device does not
+#: know makes compile_model fail, so each key is only sent where it is supported:
+#: INFERENCE_NUM_THREADS is a CPU property; the NPU compiler chooses its own precisions;
+#: AUTO forwards only hints it understands.
+_DEVICE_KEYS: dict[str, frozenset[str]] = {
+    "CPU": frozenset({"PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "KV_CACHE_PRECISION",
+                      "INFERENCE_PRECISION_HINT", "CACHE_DIR"}),
+    "GPU": frozenset({"PERFORMANCE_HINT", "KV_CACHE_PRECISION", "INFERENCE_PRECISION_HINT",
+                      "CACHE_DIR"}),
+    "NPU": frozenset({"PERFORMANCE_HINT", "CACHE_DIR"}),
+    "AUTO": frozenset({"PERFORMANCE_HINT", "CACHE_DIR"}),
+}
+
+#: Inputs of a stateful causal-LM IR exported by optimum-intel (position_ids is optional:
+#: some architectures compute positions inside the graph).
+_REQUIRED_INPUTS = ("input_ids", "attention_mask", "beam_idx")
+_DEFAULT_MAX_CTX = 4096  # same cap as the llama.cpp backend: trained contexts can be 128k
+
+
+def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """``${EDGELLM_CACHE:-~/.cache/edgellm}/ov-cache``: where compiled blobs are cached."""
+    env = os.environ if environ is None else environ
+    root = env.get("EDGELLM_CACHE") or str(Path("~/.cache/edgellm").expanduser())
+    return Path(root).expanduser() / "ov-cache"
+
+
+def select_device(device: str, available: Sequence[str]) -> str:
+    """The OpenVINO device for edgellm ``device``, checked against ``available``.
+
+    ``available`` is ``Core().available_devices`` (e.g. ``["CPU", "GPU.0", "GPU.1"]``):
+    "GPU" matches any ``GPU.n``. "auto" needs at least one device. A device OpenVINO does
+    not see raises :class:`NoCompatibleRuntimeError` listing the devices it does see.
+    """
+    if device not in OV_DEVICES:
+        raise InvalidInputError(f"unknown device {device!r}; use one of: {', '.join(OV_DEVICES)}")
+    ov_device = OV_DEVICES[device]
+    seen = ", ".join(available) or "none"
+    if ov_device == "AUTO":
+        if available:
+            return ov_device
+    elif any(d == ov_device or d.startswith(ov_device + ".") for d in available):
+        return ov_device
+    raise NoCompatibleRuntimeError(
+        f"device {device!r} ({ov_device}) is not available to OpenVINO, which sees: {seen}; "
+        f"pick one of those, or install the {ov_device} driver",
+        {"openvino": f"{ov_device} not in available devices ({seen})"},
+    )
+
+
+def build_properties(ov_device: str, threads: int, extra: Mapping[str, Any],
+                     cache_dir: Path | None) -> dict[str, str]:
+    """Compile properties for ``ov_device``: the wanted ones, filtered by what it accepts.
+
+    PERFORMANCE_HINT is LATENCY (one stream of one request: a chat session), the thread
+    count is explicit, the KV cache precision defaults to f16, INFERENCE_PRECISION_HINT
+    is only set when ``extra["precision"]`` asks, and CACHE_DIR makes a second load fast.
+    """
+    kv = str(extra.get("kv_cache_precision", "f16")).lower()
+    if kv not in KV_CACHE_PRECISIONS:
+        raise InvalidInputError(
+            f"unknown kv_cache_precision {kv!r}; use one of: {', '.join(KV_CACHE_PRECISIONS)}"
+        )
+    precision = extra.get("precision")
+    precision = None if precision is None else str(precision).lower()
+    if precision not in INFERENCE_PRECISIONS:
+        names = ", ".join(k for k in INFERENCE_PRECISIONS if k)
+        raise InvalidInputError(f"unknown precision {precision!r}; use one of: {names}")
+    wanted: dict[str, str | None] = {
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": str(int(threads)),
+        "KV_CACHE_PRECISION": KV_CACHE_PRECISIONS[kv],
+        "INFERENCE_PRECISION_HINT": INFERENCE_PRECISIONS[precision],
+        "CACHE_DIR": str(cache_dir) if cache_dir is not None else None,
+    }
+    keys = _DEVICE_KEYS.get(ov_device.split(".")[0], _DEVICE_KEYS["AUTO"])
+    return {k: v for k, v in wanted.items() if v is not None and k in keys}
+
+
+def _physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first meaningful line of a native error (OpenVINO messages span many lines)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        if "Exception from" not in ln and not ln.startswith("Check "):
+            return ln[:300]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+class OpenVINORuntime:
+    """A stateful OpenVINO IR with one sequence of KV state (implements ``Runtime``)."""
+
+    backend = "openvino"
+
+    def __init__(self, path: Path, options: RuntimeOptions, core: Any = None) -> None:
+        self.path = Path(path)
+        self._check_files(self.path)
+        folder = self.path.parent
+        self.spec = ModelSpec.from_hf_dir(folder)
+        self.tokenizer = HFTokenizer.from_dir(folder)
+        self._core = core if core is not None else ov.Core()
+        self.device = options.device
+        self.ov_device = select_device(options.device, self._core.available_devices)
+        self.threads = options.threads or _physical_cores()
+        self.n_ctx = options.n_ctx or min(self.spec.max_positions, _DEFAULT_MAX_CTX)
+        cache = options.extra.get("cache_dir")
+        self.cache_dir = Path(cache).expanduser() if cache else default_cache_dir()
+        self.properties = build_properties(self.ov_device, self.threads, options.extra,
+                                           self.cache_dir)
+        model = self._read_model()
+        self._compiled = self._compile(model)
+        self._request = self._compiled.create_infer_request()
+        self._inputs = {i.get_any_name() for i in self._compiled.inputs}
+        self.n_vocab = self._vocab_size()
+        self._ids: list[int] = []  # token ids currently in the state (trim re-feeds them)
+
+    # -- loading --------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_files(path: Path) -> None:
+        if not path.is_file():
+            raise ModelNotFoundError(f"OpenVINO model file {str(path)!r} does not exist")
+        if path.suffix.lower() != ".xml":
+            raise InvalidModelError(f"{path}: an OpenVINO IR is an .xml file (with a .bin beside it)")
+        weights = path.with_suffix(".bin")
+        if not weights.is_file():
+            raise InvalidModelError(
+                f"{path}: its weights file {weights.name} is missing; copy it beside the .xml "
+                "or re-convert the model"
+            )
+
+    def _read_model(self) -> Any:
+        """Read the IR; a truncated or mismatched .bin is an InvalidModelError naming it."""
+        try:
+            model = self._core.read_model(str(self.path), str(self.path.with_suffix(".bin")))
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise InvalidModelError(
+                f"{self.path}: OpenVINO could not read the model ({_one_line(exc)}); the .xml or "
+                ".bin is corrupt, truncated or from another export: re-convert the model"
+            ) from None
+        names = {n for i in model.inputs for n in i.get_names()}
+        missing = [n for n in _REQUIRED_INPUTS if n not in names]
+        if missing or not model.get_sinks():
+            what = f"inputs {', '.join(missing)} missing" if missing else "no variable states"
+            raise InvalidModelError(
+                f"{self.path}: not a stateful causal-LM IR ({what}); export it with "
+                "optimum-intel (OVModelForCausalLM, stateful=True)"
+            )
+        return model
+
+    def _compile(self, model: Any) -> Any:
+        try:
+            return self._core.compile_model(model, self.ov_device, self.properties)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise BackendError(
+                f"{self.path}: OpenVINO could not compile the model for {self.ov_device} "
+                f"({_one_line(exc)}); try another device or kv_cache_precision"
+            ) from None
+
+    def _vocab_size(self) -> int:
+        shape = self._compiled.output("logits").get_partial_shape()
+        last = shape[shape.rank.get_length() - 1]
+        return int(last.get_length()) if last.is_static else int(self.spec.vocab_size)
+
+    # -- Runtime protocol -----------------------------------------------------------------
+
+    @property
+    def n_past(self) -> int:
+        """Number of positions currently held in the KV state."""
+        return len(self._ids)
+
+    def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Append ``tokens`` to the state; logits of the last token (or of every token)."""
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("forward() needs at least one token")
+        past = len(self._ids)
+        if past + n > self.n_ctx:
+            raise ContextOverflowError(
+                f"{past} tokens in context + {n} new > context {self.n_ctx}; "
+                "load the model with a larger n_ctx"
+            )
+        ids = np.asarray([list(map(int, tokens))], dtype=np.int64)
+        feed = {"input_ids": ids,
+                "attention_mask": np.ones((1, past + n), dtype=np.int64),
+                "beam_idx": np.zeros((1,), dtype=np.int32)}
+        if "position_ids" in self._inputs:
+            feed["position_ids"] = np.arange(past, past + n, dtype=np.int64)[None, :]
+        try:
+            self._request.infer(feed)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise BackendError(f"{self.path}: OpenVINO inference failed ({_one_line(exc)})") from None
+        self._ids.extend(int(t) for t in ids[0])
+        logits = self._request.get_tensor("logits").data[0]
+        rows = logits if all_logits else logits[-1]
+        return np.array(rows, dtype=np.float32, copy=True)
+
+    def trim(self, n_keep: int) -> None:
+        """Keep the first ``n_keep`` positions: reset the state and re-feed the kept ids."""
+        n_keep = max(0, int(n_keep))
+        if n_keep >= len(self._ids):
+            return
+        kept = self._ids[:n_keep]
+        self.reset()
+        if kept:
+            self.forward(kept, all_logits=False)
+
+    def reset(self) -> None:
+        """Empty the KV state."""
+        self._request.reset_state()
+        self._ids = []
+
+    def info(self) -> dict[str, Any]:
+        """What runs where: backend, device, threads, context, precisions, cache."""
+        try:
+            executing = list(self._compiled.get_property("EXECUTION_DEVICES"))
+        except RuntimeError:  # pragma: no cover - every 2024+ device answers this
+            executing = [self.ov_device]
+        return {
+            "backend": self.backend,
+            "device": self.device,
+            "ov_device": self.ov_device,
+            "execution_devices": executing,
+            "threads": self.threads,
+            "n_ctx": self.n_ctx,
+            "kv_cache_precision": self.properties.get("KV_CACHE_PRECISION", "device default"),
+            "inference_precision": self.properties.get("INFERENCE_PRECISION_HINT", "device default"),
+            "cache_dir": str(self.cache_dir),
+            "model_file": str(self.path),
+            "openvino_version": ov.get_version(),
+        }
+
+    def close(self) -> None:
+        """Release the infer request and the compiled model."""
+        self._request = None
+        self._compiled = None
+
+
+def open(path: Path, options: RuntimeOptions) -> OpenVINORuntime:  # noqa: A001 - registry hook
+    """Open a stateful OpenVINO IR (.xml) with OpenVINO (the registry's entry point)."""
+    return OpenVINORuntime(path, options)

@@ -1,0 +1,360 @@
+"""The OpenVINO backend on stateful IRs exported by optimum-intel from the tiny models.
+
+Every tiny architecture is exported with optimum-intel (``OVModelForCausalLM``,
+``export=True``), its tokenizer files copied beside the IR, and run on OpenVINO's CPU
+device: logits are compared with PyTorch's, step-by-step decoding with the full-sequence
+logits (the KV state is right), and generation goes through ``edgellm.load`` and the
+shared loop. Tolerances (max |logit difference|, logits have a std of about 2.5):
+
+- precision f32, KV cache f32: 1e-4 against PyTorch (measured <= 7e-6 on every arch);
+- KV cache f16 (the default): 2e-2 step-by-step against full-sequence (measured <= 5.3e-3).
+
+Gemma 2 is the exception: optimum-intel 1.27 traces with SDPA attention, which drops
+Gemma 2's attention-logit soft-capping (50.0), so the IR differs from transformers' eager
+reference by ~1.2e-2. That is an export limitation, marked as a strict xfail; the runtime
+itself is checked against transformers run with SDPA (the graph that was exported).
+
+Only OpenVINO's CPU device exists on the test machines: GPU and NPU selection and their
+compile properties are tested as pure functions over faked device lists, never run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgellm
+from edgellm import errors
+from edgellm.runtimes.base import Runtime, RuntimeOptions, get_backend
+from tests.fixtures import require, tiny_models
+
+require("openvino", "optimum.intel")
+
+from edgellm.runtimes import openvino as ovrt  # noqa: E402 (after the require check)
+
+PROMPT_IDS = [0, 5, 77, 300, 12, 9, 450, 33, 21, 700, 3, 64]
+F32_TOL = 1e-4
+F16_KV_TOL = 2e-2
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                    "special_tokens_map.json")
+# Architectures whose optimum-intel export is known to differ from transformers' eager
+# reference, with the reason (see the module docstring).
+_EXPORT_DRIFT = {"gemma2": "optimum-intel exports SDPA attention, dropping attn_logit_softcapping"}
+
+
+def _export(hf_dir: Path, out: Path) -> Path:
+    """Export ``hf_dir`` to a stateful IR in ``out`` with a manifest; return the folder."""
+    from optimum.intel import OVModelForCausalLM
+
+    model = OVModelForCausalLM.from_pretrained(hf_dir, export=True, compile=False)
+    model.save_pretrained(out)
+    for name in _TOKENIZER_FILES:
+        if (hf_dir / name).is_file():
+            shutil.copy(hf_dir / name, out / name)
+    manifest = {"format": "openvino", "files": {"model": "openvino_model.xml"}}
+    (out / "edgellm.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="module")
+def ov_export(tiny_model: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+              ) -> Callable[[str], Path]:
+    """Factory: ``ov_export(arch) -> folder`` with the IR, tokenizer, config and manifest."""
+    built: dict[str, Path] = {}
+
+    def factory(arch: str) -> Path:
+        if arch not in built:
+            out = tmp_path_factory.mktemp(f"ov-{arch}")
+            try:
+                built[arch] = _export(tiny_model(arch), out)
+            except Exception as exc:  # an export failure is a finding, never a skip
+                pytest.fail(f"optimum-intel could not export {arch}: {type(exc).__name__}: {exc}")
+        return built[arch]
+
+    return factory
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ov-cache")
+
+
+def _open(folder: Path, cache_dir: Path, **extra: object) -> ovrt.OpenVINORuntime:
+    extra = {"precision": "f32", "cache_dir": str(cache_dir), **extra}
+    return ovrt.open(folder / "openvino_model.xml", RuntimeOptions(threads=2, extra=extra))
+
+
+def _sdpa_reference(hf_dir: Path, ids: list[int]) -> np.ndarray:
+    """transformers' logits with SDPA attention: the graph optimum-intel exports."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="sdpa", dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+# --- parity, per architecture ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", tiny_models.ARCHITECTURE_NAMES)
+def test_all_logits_match_pytorch(arch: str, ov_export, tiny_model, cache_dir: Path) -> None:
+    rt = _open(ov_export(arch), cache_dir, kv_cache_precision="f32")
+    try:
+        got = rt.forward(PROMPT_IDS, all_logits=True)
+        assert got.dtype == np.float32 and got.shape == (len(PROMPT_IDS), rt.n_vocab)
+        if arch in _EXPORT_DRIFT:
+            ref = _sdpa_reference(tiny_model(arch), PROMPT_IDS)
+        else:
+            ref = tiny_models.reference_logits(tiny_model(arch), PROMPT_IDS)
+        assert float(np.abs(got - ref).max()) <= F32_TOL
+    finally:
+        rt.close()
+
+
+@pytest.mark.parametrize("arch", sorted(_EXPORT_DRIFT))
+@pytest.mark.xfail(strict=True, reason="optimum-intel export drift (see module docstring)")
+def test_export_matches_eager_reference(arch: str, ov_export, tiny_model, cache_dir: Path) -> None:
+    rt = _open(ov_export(arch), cache_dir, kv_cache_precision="f32")
+    try:
+        got = rt.forward(PROMPT_IDS, all_logits=True)
+        ref = tiny_models.reference_logits(tiny_model(arch), PROMPT_IDS)
+        assert float(np.abs(got - ref).max()) <= F32_TOL
+    finally:
+        rt.close()
+
+
+@pytest.mark.parametrize("arch", tiny_models.ARCHITECTURE_NAMES)
+@pytest.mark.parametrize(("kv", "tol"), [("f32", F32_TOL), ("f16", F16_KV_TOL)])
+def test_step_decode_matches_full_sequence(arch: str, kv: str, tol: float, ov_export,
+                                           cache_dir: Path) -> None:
+    rt = _open(ov_export(arch), cache_dir, kv_cache_precision=kv)
+    try:
+        full = rt.forward(PROMPT_IDS, all_logits=True)
+        rt.reset()
+        assert rt.n_past == 0
+        last = rt.forward(PROMPT_IDS[:4])
+        assert last.shape == (rt.n_vocab,)
+        steps = [last] + [rt.forward([t]) for t in PROMPT_IDS[4:]]
+        assert rt.n_past == len(PROMPT_IDS)
+        assert float(np.abs(np.stack(steps) - full[3:]).max()) <= tol
+    finally:
+        rt.close()
+
+
+def test_trim_refeeds_kept_prefix(ov_export, cache_dir: Path) -> None:
+    rt = _open(ov_export("qwen3"), cache_dir, kv_cache_precision="f32")
+    try:
+        full = rt.forward(PROMPT_IDS, all_logits=True)
+        rt.trim(5)
+        assert rt.n_past == 5
+        again = rt.forward(PROMPT_IDS[5:], all_logits=True)
+        assert float(np.abs(again - full[5:]).max()) <= F32_TOL
+        rt.trim(100)  # more than held: nothing changes
+        assert rt.n_past == len(PROMPT_IDS)
+        rt.trim(0)
+        assert rt.n_past == 0
+    finally:
+        rt.close()
+
+
+def test_protocol_info_and_context_limit(ov_export, cache_dir: Path) -> None:
+    rt = ovrt.open(ov_export("llama") / "openvino_model.xml",
+                   RuntimeOptions(n_ctx=8, extra={"cache_dir": str(cache_dir)}))
+    try:
+        assert isinstance(rt, Runtime)
+        info = rt.info()
+        assert info["backend"] == "openvino" and info["device"] == "cpu"
+        assert info["ov_device"] == "CPU" and info["execution_devices"] == ["CPU"]
+        assert info["n_ctx"] == 8 and info["threads"] >= 1
+        assert info["kv_cache_precision"] == "f16"  # the default
+        assert info["inference_precision"] == "device default"
+        assert info["cache_dir"] == str(cache_dir)
+        assert rt.n_vocab == rt.spec.vocab_size
+        with pytest.raises(errors.ContextOverflowError):
+            rt.forward(PROMPT_IDS)
+        with pytest.raises(ValueError):
+            rt.forward([])
+    finally:
+        rt.close()
+
+
+# --- through edgellm.load and the shared loop ---------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+def test_load_generate_is_greedy_argmax(arch: str, ov_export, cache_dir: Path) -> None:
+    folder = ov_export(arch)
+    with edgellm.load(folder, backend="openvino", threads=2, precision="f32",
+                      kv_cache_precision="f32", cache_dir=str(cache_dir)) as model:
+        assert model.info()["backend"] == "openvino"
+        result = model.generate(PROMPT_IDS[:6], max_tokens=6, temperature=0, ignore_eos=True)
+        assert len(result.tokens) == 6
+    rt = _open(folder, cache_dir, kv_cache_precision="f32")
+    try:
+        ids, expected = list(PROMPT_IDS[:6]), []
+        for _ in range(6):
+            nxt = int(np.argmax(rt.forward(ids, all_logits=True)[-1]))
+            rt.reset()
+            ids.append(nxt)
+            expected.append(nxt)
+        assert result.tokens == expected
+    finally:
+        rt.close()
+
+
+def test_load_chat_and_stream(ov_export, cache_dir: Path) -> None:
+    with edgellm.load(ov_export("qwen3"), backend="openvino", cache_dir=str(cache_dir)) as model:
+        reply = model.chat([{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0)
+        assert 1 <= reply.completion_tokens <= 5 and isinstance(reply.text, str)
+        again = model.chat([{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0)
+        assert again.tokens == reply.tokens  # prefix reuse (trim) keeps greedy output
+        pieces = list(model.stream("def greet(name):", max_tokens=4, temperature=0))
+        assert "".join(pieces) == model.generate("def greet(name):", max_tokens=4,
+                                                 temperature=0).text
+
+
+def test_runtime_imports_no_torch_transformers_or_optimum(ov_export, cache_dir: Path) -> None:
+    code = (
+        "import sys, edgellm\n"
+        f"m = edgellm.load({str(ov_export('llama'))!r}, backend='openvino', "
+        f"cache_dir={str(cache_dir)!r})\n"
+        "r = m.generate('def greet', max_tokens=3, temperature=0)\n"
+        "assert r.completion_tokens >= 1\n"
+        "heavy = sorted(k for k in sys.modules if k.split('.')[0] in "
+        "('torch', 'transformers', 'optimum', 'nncf'))\n"
+        "assert 'openvino' in sys.modules\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == ""
+
+
+def test_registry_row() -> None:
+    spec = get_backend("openvino")
+    assert spec.formats == ("openvino",) and spec.devices == ("cpu", "gpu", "npu")
+    assert spec.requires == "openvino" and spec.why_not("openvino", "cpu") is None
+
+
+# --- device selection and properties (pure functions, faked device lists) -----------------
+# Only CPU exists on the test machines; GPU and NPU cannot run here, so their selection and
+# properties are checked against faked `available_devices` lists only.
+
+
+@pytest.mark.parametrize(("device", "available", "expected"), [
+    ("cpu", ["CPU"], "CPU"),
+    ("gpu", ["CPU", "GPU"], "GPU"),
+    ("gpu", ["CPU", "GPU.0", "GPU.1"], "GPU"),
+    ("npu", ["CPU", "NPU"], "NPU"),
+    ("auto", ["CPU"], "AUTO"),
+])
+def test_select_device(device: str, available: list[str], expected: str) -> None:
+    assert ovrt.select_device(device, available) == expected
+
+
+@pytest.mark.parametrize(("device", "available"), [
+    ("gpu", ["CPU"]), ("npu", ["CPU", "GPU.0"]), ("cpu", ["GPU"]), ("auto", []),
+])
+def test_select_device_refuses_unseen(device: str, available: list[str]) -> None:
+    with pytest.raises(errors.NoCompatibleRuntimeError) as exc:
+        ovrt.select_device(device, available)
+    msg = str(exc.value)
+    assert "\n" not in msg and (", ".join(available) or "none") in msg
+    assert "openvino" in exc.value.reasons
+
+
+def test_unknown_device_through_runtime_uses_faked_list(ov_export, cache_dir: Path) -> None:
+    class FakeCore:
+        available_devices = ["CPU"]
+
+    with pytest.raises(errors.NoCompatibleRuntimeError, match=r"'npu' \(NPU\).*sees: CPU"):
+        ovrt.OpenVINORuntime(ov_export("llama") / "openvino_model.xml",
+                             RuntimeOptions(device="npu"), core=FakeCore())
+    with pytest.raises(errors.InvalidInputError, match="unknown device"):
+        ovrt.select_device("tpu", ["CPU"])
+
+
+@pytest.mark.parametrize(("ov_device", "extra", "expected"), [
+    ("CPU", {}, {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": "3",
+                 "KV_CACHE_PRECISION": "f16", "CACHE_DIR": "/c"}),
+    ("CPU", {"precision": "f32", "kv_cache_precision": "u8"},
+     {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": "3", "KV_CACHE_PRECISION": "u8",
+      "INFERENCE_PRECISION_HINT": "f32", "CACHE_DIR": "/c"}),
+    ("GPU", {"precision": "f16"}, {"PERFORMANCE_HINT": "LATENCY", "KV_CACHE_PRECISION": "f16",
+                                   "INFERENCE_PRECISION_HINT": "f16", "CACHE_DIR": "/c"}),
+    ("NPU", {"precision": "f32"}, {"PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": "/c"}),
+    ("AUTO", {}, {"PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": "/c"}),
+])
+def test_build_properties(ov_device: str, extra: dict, expected: dict) -> None:
+    assert ovrt.build_properties(ov_device, 3, extra, Path("/c")) == expected
+
+
+@pytest.mark.parametrize("extra", [{"kv_cache_precision": "q4"}, {"precision": "int8"}])
+def test_build_properties_refuses_unknown_values(extra: dict) -> None:
+    with pytest.raises(errors.InvalidInputError, match="use one of"):
+        ovrt.build_properties("CPU", 2, extra, None)
+
+
+def test_default_cache_dir() -> None:
+    assert ovrt.default_cache_dir({"EDGELLM_CACHE": "/x"}) == Path("/x/ov-cache")
+    assert ovrt.default_cache_dir({}) == Path("~/.cache/edgellm/ov-cache").expanduser()
+
+
+# --- damaged files -> one-line edgellm errors ---------------------------------------------
+
+
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / folder.name
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def _assert_one_line(exc: BaseException, name: str) -> None:
+    msg = str(exc)
+    assert "\n" not in msg and name in msg, msg
+
+
+def test_missing_bin(ov_export, tmp_path: Path, cache_dir: Path) -> None:
+    folder = _copy(ov_export("llama"), tmp_path)
+    (folder / "openvino_model.bin").unlink()
+    with pytest.raises(errors.InvalidModelError) as exc:
+        _open(folder, cache_dir)
+    _assert_one_line(exc.value, "openvino_model.bin")
+
+
+def test_truncated_bin(ov_export, tmp_path: Path, cache_dir: Path) -> None:
+    folder = _copy(ov_export("llama"), tmp_path)
+    weights = folder / "openvino_model.bin"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(errors.InvalidModelError) as exc:
+        _open(folder, cache_dir)
+    _assert_one_line(exc.value, "openvino_model.xml")
+
+
+def test_bin_from_another_export(ov_export, tmp_path: Path, cache_dir: Path) -> None:
+    folder = _copy(ov_export("llama"), tmp_path)
+    shutil.copy(ov_export("gemma3") / "openvino_model.bin", folder / "openvino_model.bin")
+    with pytest.raises(errors.EdgeLLMError) as exc:
+        _open(folder, cache_dir)
+    assert isinstance(exc.value, (errors.InvalidModelError, errors.BackendError))
+    _assert_one_line(exc.value, "openvino_model.xml")
+
+
+def test_not_an_xml_or_missing(ov_export, tmp_path: Path, cache_dir: Path) -> None:
+    folder = _copy(ov_export("llama"), tmp_path)
+    with pytest.raises(errors.ModelNotFoundError):
+        ovrt.open(folder / "nope.xml", RuntimeOptions())
+    with pytest.raises(errors.InvalidModelError, match=r"\.xml file"):
+        ovrt.open(folder / "config.json", RuntimeOptions())
+    (folder / "openvino_model.xml").write_text("<net><broken", encoding="utf-8")
+    with pytest.raises(errors.InvalidModelError) as exc:
+        _open(folder, cache_dir)
+    _assert_one_line(exc.value, "openvino_model.xml")
