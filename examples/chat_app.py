@@ -31,7 +31,7 @@ def main() -> int:
                 continue
             history.append({"role": "user", "content": text})
             pieces = []
-            for piece in model.chat(history, max_tokens=256, temperature=0.3, repeat_penalty=1.1,
+            for piece in model.chat(history, max_tokens=256, temperature=0, repeat_penalty=1.1,
                                     stream=True):
                 print(piece, end="", flush=True)
                 pieces.append(piece)
