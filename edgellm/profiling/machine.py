@@ -23,6 +23,10 @@ PACKAGES: dict[str, str] = {
     "tokenizers": "tokenizers",
     "torch": "torch",
     "transformers": "transformers",
+    "openvino": "openvino",
+    "optimum_intel": "optimum-intel",
+    "nncf": "nncf",
+    "onnxruntime": "onnxruntime",
 }
 
 # /proc/cpuinfo keys naming the CPU, best first. x86 has "model name"; arm64 boards such
