@@ -27,6 +27,7 @@ import numpy as np
 
 from edgellm.artifact import Artifact, Format, find_artifact, write_manifest
 from edgellm.converters.gguf_arch import GGUF_RULES, ArchRules, add_common_hparams, permute_qk
+from edgellm.converters.provenance import source_fingerprint, tool_versions
 from edgellm.converters.safetensors import Checkpoint, open_checkpoint
 from edgellm.converters.staging import Staging
 from edgellm.errors import (
@@ -272,18 +273,6 @@ def _load_config(src: Path) -> dict[str, Any]:
     return json.loads((src / "config.json").read_text(encoding="utf-8"))
 
 
-def _source_fingerprint(src: Path) -> dict[str, Any]:
-    """Cheap identity of the source: names, sizes and mtimes of its files."""
-    import hashlib
-
-    h = hashlib.sha256()
-    files = [src] if src.is_file() else sorted(p for p in src.iterdir() if p.is_file())
-    for p in files:
-        st = p.stat()
-        h.update(f"{p.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    return {"path": str(src.resolve()), "fingerprint": h.hexdigest()[:16]}
-
-
 def _from_hf(src: Path, staging: Path, quant: str, allow_pickle: bool,
              progress: ProgressFn | None) -> tuple[Path, ModelSpec, dict[str, Any]]:
     spec = ModelSpec.from_hf_dir(src)
@@ -322,7 +311,6 @@ def convert_to_gguf(
     prompts: list[str] | None = None, progress: ProgressFn | None = None,
 ) -> Artifact:
     """Convert a HF checkpoint folder or a GGUF file into a GGUF artifact folder ``output``."""
-    from edgellm import __version__
     from edgellm.converters.verify import check_after_convert
 
     quant = normalize_quant(quant)
@@ -342,8 +330,8 @@ def convert_to_gguf(
             "quantization": quant,
             "architecture": spec.architecture,
             "spec": spec.to_dict(),
-            "source": {**_source_fingerprint(src), **details},
-            "tool": _tool_versions(__version__),
+            "source": {**source_fingerprint(src), **details},
+            "tool": tool_versions("gguf", "llama-cpp-python"),
             "size_bytes": model_file.stat().st_size,
         }
         ref = reference or (src if src.is_dir() else None)
@@ -353,17 +341,3 @@ def convert_to_gguf(
         write_manifest(stage.path, manifest)
         final = stage.commit()
     return find_artifact(final)
-
-
-def _tool_versions(version: str) -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
-
-    tools = {"edgellm": version}
-    for dist in ("gguf", "llama-cpp-python"):
-        try:
-            tools[dist] = dist_version(dist)
-        except PackageNotFoundError:
-            pass
-    return tools
-

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from edgellm.artifact import Artifact, Format, find_artifact, write_manifest
+from edgellm.converters.provenance import source_fingerprint, tool_versions
 from edgellm.converters.staging import Staging
 from edgellm.errors import (
     ConversionError,
@@ -153,8 +154,6 @@ def convert_to_openvino(
     ratio: float | None = None,
 ) -> Artifact:
     """Export a HF checkpoint folder to a stateful OpenVINO IR artifact folder ``output``."""
-    from edgellm import __version__
-    from edgellm.converters.gguf import _source_fingerprint, _tool_versions
     from edgellm.converters.safetensors import open_checkpoint
     from edgellm.converters.verify import check_after_convert
 
@@ -179,8 +178,8 @@ def convert_to_openvino(
             "weight_compression": recipe.to_dict(),
             "architecture": spec.architecture,
             "spec": spec.to_dict(),
-            "source": {**_source_fingerprint(src), "source_kind": "hf"},
-            "tool": {**_tool_versions(__version__), **_ov_versions()},
+            "source": {**source_fingerprint(src), "source_kind": "hf"},
+            "tool": tool_versions("openvino", "optimum-intel", "nncf"),
             "size_bytes": sum(p.stat().st_size for p in stage.path.iterdir() if p.is_file()),
         }
         manifest["parity"] = (
@@ -191,15 +190,3 @@ def convert_to_openvino(
         write_manifest(stage.path, manifest)
         final = stage.commit()
     return find_artifact(final)
-
-
-def _ov_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for dist in ("openvino", "optimum-intel", "nncf"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            pass
-    return out
