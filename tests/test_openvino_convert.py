@@ -67,3 +67,22 @@ def test_openvino_refuses_overwrite_and_unknown_quant(tiny_model, tmp_path: Path
     with pytest.raises(errors.UnknownQuantizationError):
         edgellm.convert(tiny_model("llama"), tmp_path / "x", format="openvino", quant="int3")
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_npu_recipe_and_bad_ratio(tiny_model, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "npu"
+    proc = subprocess.run([sys.executable, "-m", "edgellm", "convert", str(tiny_model("llama")),
+                           "--format", "openvino", "--quant", "int4", "--npu", "--no-verify", "-o", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    recipe = json.loads((out / "edgellm.json").read_text())["weight_compression"]
+    assert (recipe["bits"], recipe["sym"], recipe["group_size"]) == (4, True, -1)
+    bad = subprocess.run([sys.executable, "-m", "edgellm", "convert", str(tiny_model("llama")),
+                          "--format", "openvino", "--quant", "int4", "--ratio", "2",
+                          "-o", str(tmp_path / "r")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith("edgellm: error:") and "ratio" in bad.stderr
+    assert not (tmp_path / "r").exists()
