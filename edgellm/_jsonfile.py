@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgellm.errors import InvalidModelError
+from edgellm.errors import InvalidModelError, one_line
 
 __all__ = ["read_json_object"]
 
@@ -16,8 +16,7 @@ def read_json_object(path: Path, fix: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        detail = " ".join(str(exc).split()) or type(exc).__name__
-        raise InvalidModelError(f"{path}: not valid JSON ({detail}); {fix}") from None
+        raise InvalidModelError(f"{path}: not valid JSON ({one_line(exc)}); {fix}") from None
     if not isinstance(data, dict):
         raise InvalidModelError(f"{path}: must hold a JSON object, not {type(data).__name__}; {fix}")
     return data

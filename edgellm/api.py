@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgellm.artifact import Format, find_artifact
+from edgellm.converters import ProgressFn
 from edgellm.errors import InvalidInputError, UnsupportedFormatError
 from edgellm.runtimes.base import RuntimeOptions, open_runtime
 
@@ -25,7 +26,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["load", "convert", "verify", "inspect"]
 
-ProgressFn = Callable[[int, int, str], None]
 
 
 def _check_positive(name: str, value: int | None) -> None:

@@ -48,6 +48,11 @@ __all__ = [
 ]
 
 
+def one_line(exc: BaseException) -> str:
+    """A library exception's text folded onto one line (for quoting it in an edgellm error)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 class EdgeLLMError(Exception):
     """Root of every error raised by edgellm."""
 

@@ -12,16 +12,20 @@ gguf-py's ``GGUFReader`` builds a numpy view per array element, which costs seco
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgellm.errors import InvalidModelError, ModelNotFoundError
+from edgellm.spec import ModelSpec
 
-__all__ = ["GGUFHeader", "read_gguf_header", "read_gguf_metadata", "gguf_summary"]
+__all__ = ["GGUFHeader", "ggml_nbytes", "read_gguf_header", "read_gguf_spec", "read_gguf_metadata",
+           "gguf_summary"]
 
 _MAGIC = b"GGUF"
 _DEFAULT_ALIGNMENT = 32
@@ -102,14 +106,12 @@ class _Cursor:
         return f"<{n} items>"
 
 
-def _tensor_nbytes(type_id: int, dims: tuple[int, ...]) -> int:
+def ggml_nbytes(type_id: int, dims: Sequence[int]) -> int:
+    """Bytes of a tensor of GGML type ``type_id`` (gguf-py's block table) and element ``dims``."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
-    n = 1
-    for d in dims:
-        n *= d
-    return n // block * type_size
+    return math.prod(dims) // block * type_size
 
 
 def _parse(buf: Any, full_lists: bool) -> GGUFHeader:
@@ -130,7 +132,7 @@ def _parse(buf: Any, full_lists: bool) -> GGUFHeader:
         records.append((name, cur.unpack("<I"), dims, cur.unpack("<Q")))
     align = int(meta.get("general.alignment", _DEFAULT_ALIGNMENT))
     data_start = (cur.pos + align - 1) // align * align
-    tensors = [TensorEntry(n, t, d, data_start + off, _tensor_nbytes(t, d)) for n, t, d, off in records]
+    tensors = [TensorEntry(n, t, d, data_start + off, ggml_nbytes(t, d)) for n, t, d, off in records]
     return GGUFHeader(version, meta, tensors)
 
 
@@ -167,6 +169,14 @@ def read_gguf_header(path: Path, full_lists: bool = False) -> GGUFHeader:
     return header
 
 
+def read_gguf_spec(path: Path) -> tuple[ModelSpec, dict[str, Any]]:
+    """The ModelSpec of a validated GGUF file (and its short metadata), tying included."""
+    header = read_gguf_header(path, full_lists=False)
+    tied = not any(t.name == "output.weight" for t in header.tensors)
+    spec = ModelSpec.from_gguf_metadata(header.metadata, source=str(path), tied_embeddings=tied)
+    return spec, header.metadata
+
+
 def read_gguf_metadata(path: Path, full_lists: bool = True) -> dict[str, Any]:
     """All key/value metadata of a validated GGUF file (vocabulary lists only if asked)."""
     return read_gguf_header(path, full_lists=full_lists).metadata
@@ -178,12 +188,7 @@ def gguf_summary(path: Path) -> dict[str, Any]:
 
     header = read_gguf_header(path)
     types = Counter(GGMLQuantizationType(t.type_id).name for t in header.tensors)
-    n_params = 0
-    for t in header.tensors:
-        n = 1
-        for d in t.dims:
-            n *= d
-        n_params += n
+    n_params = sum(math.prod(t.dims) for t in header.tensors)
     return {
         "n_tensors": len(header.tensors),
         "n_params": n_params,

@@ -18,7 +18,7 @@ from typing import Any
 from edgellm._jsonfile import read_json_object
 from edgellm.errors import InvalidModelError, ModelNotFoundError, UnsupportedArchitectureError
 
-__all__ = ["Architecture", "ARCHITECTURES", "ModelSpec", "architecture_for"]
+__all__ = ["Architecture", "ARCHITECTURES", "ModelSpec", "architecture_for", "read_hf_config"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,26 @@ def architecture_for(model_type: str | None, hf_architectures: list[str] | None 
     )
 
 
+def _flatten_text_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The text model's view of a config: multimodal ``text_config`` keys override the top."""
+    cfg = dict(config)
+    if isinstance(cfg.get("text_config"), Mapping):
+        cfg = {**cfg, **cfg["text_config"]}
+    return cfg
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """``config.json`` of a checkpoint folder, text part flattened; clear errors if missing."""
+    config_path = Path(path) / "config.json"
+    if not Path(path).is_dir():
+        raise ModelNotFoundError(f"model folder {str(path)!r} does not exist")
+    if not config_path.is_file():
+        raise ModelNotFoundError(
+            f"{config_path}: no config.json; a Hugging Face checkpoint folder needs one"
+        )
+    return _flatten_text_config(read_json_object(config_path, "fix or re-download it"))
+
+
 def _gguf_to_arch(gguf_arch: str) -> Architecture:
     for arch in ARCHITECTURES.values():
         if arch.gguf_arch == gguf_arch:
@@ -108,9 +128,7 @@ class ModelSpec:
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any], source: str = "config.json") -> ModelSpec:
         """Read a Hugging Face ``config.json`` dict (text part of multimodal configs too)."""
-        cfg = dict(config)
-        if isinstance(cfg.get("text_config"), Mapping):
-            cfg = {**cfg, **cfg["text_config"]}
+        cfg = _flatten_text_config(config)
         arch = architecture_for(cfg.get("model_type"), cfg.get("architectures"))
         try:
             n_heads = int(cfg["num_attention_heads"])
@@ -147,19 +165,16 @@ class ModelSpec:
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> ModelSpec:
         """Read ``config.json`` from a checkpoint folder."""
-        config_path = Path(path) / "config.json"
-        if not Path(path).is_dir():
-            raise ModelNotFoundError(f"model folder {str(path)!r} does not exist")
-        if not config_path.is_file():
-            raise ModelNotFoundError(
-                f"{config_path}: no config.json; a Hugging Face checkpoint folder needs one"
-            )
-        config = read_json_object(config_path, "fix or re-download it")
-        return cls.from_hf_config(config, source=str(config_path))
+        return cls.from_hf_config(read_hf_config(path), source=str(Path(path) / "config.json"))
 
     @classmethod
-    def from_gguf_metadata(cls, meta: Mapping[str, Any], source: str = "GGUF") -> ModelSpec:
-        """Read the ``general.architecture``-prefixed keys of a GGUF file's metadata."""
+    def from_gguf_metadata(cls, meta: Mapping[str, Any], source: str = "GGUF",
+                           tied_embeddings: bool = False) -> ModelSpec:
+        """Read the ``general.architecture``-prefixed keys of a GGUF file's metadata.
+
+        Tying is not a metadata key: a GGUF is tied when it has no ``output.weight`` tensor,
+        which the caller (:func:`edgellm.gguf_meta.read_gguf_spec`) knows.
+        """
         gguf_arch = str(meta.get("general.architecture", ""))
         arch = _gguf_to_arch(gguf_arch)
 
@@ -182,7 +197,7 @@ class ModelSpec:
                 vocab_size=int(vocab),
                 max_positions=int(key("context_length", 2048)),
                 rope_theta=float(key("rope.freq_base", 10000.0)),
-                tied_embeddings=bool(meta.get("_edgellm.tied_embeddings", False)),
+                tied_embeddings=tied_embeddings,
                 norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
                 sliding_window=key("attention.sliding_window"),
                 attn_logit_softcap=key("attn_logit_softcapping"),

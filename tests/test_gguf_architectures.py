@@ -15,7 +15,7 @@ import pytest
 
 import edgellm
 from edgellm.converters.verify import DEFAULT_PROMPTS
-from edgellm.gguf_meta import read_gguf_metadata
+from edgellm.gguf_meta import read_gguf_metadata, read_gguf_spec
 from edgellm.runtimes.base import RuntimeOptions, open_runtime
 from tests.fixtures import tiny_models
 
@@ -88,6 +88,7 @@ def test_gguf_metadata_describes_the_model(arch: str, converted, tiny_model) -> 
     gguf_spec = edgellm.ModelSpec.from_gguf_metadata(meta)
     for field in ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "head_dim", "vocab_size"):
         assert getattr(gguf_spec, field) == getattr(spec, field), field
+    assert read_gguf_spec(artifact.model_file)[0].tied_embeddings == spec.tied_embeddings
     assert meta["tokenizer.ggml.model"] == "gpt2"
     assert meta["tokenizer.ggml.pre"] == "gpt-2"
     assert len(meta["tokenizer.ggml.tokens"]) == spec.vocab_size
@@ -113,6 +114,7 @@ def test_llama_cpp_quantizer_types(quant: str, tiny_model, tmp_path: Path) -> No
                         prompts=PARITY_PROMPTS)
     assert a.model_file.name.endswith(f"-{quant}.gguf")
     assert a.manifest["quantization"] == quant
+    assert a.manifest["parity"]["status"] == "measured"
     assert 0.0 <= a.manifest["parity"]["top1_agreement"] <= 1.0
     info = edgellm.inspect(a.path)
     assert info["quantization"] == quant

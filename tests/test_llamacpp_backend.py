@@ -26,6 +26,7 @@ def test_runtime_protocol_and_info(smollm2_gguf: Path) -> None:
     try:
         assert isinstance(rt, Runtime)
         assert rt.n_vocab == 49152 and rt.spec.n_layers == 30 and rt.spec.n_kv_heads == 3
+        assert rt.spec.tied_embeddings  # SmolLM2's GGUF has no output.weight
         info = rt.info()
         assert info["backend"] == "llamacpp" and info["n_ctx"] == 128 and info["device"] == "cpu"
         ids = rt.tokenizer.encode("Hello there", add_special=False)

@@ -9,7 +9,10 @@ from typing import Any
 from edgellm.artifact import Format
 from edgellm.errors import UnsupportedFormatError
 
-__all__ = ["CONVERTERS", "get_converter"]
+__all__ = ["CONVERTERS", "ProgressFn", "get_converter"]
+
+#: Progress callback every converter takes: ``(done_bytes, total_bytes, step_name)``.
+ProgressFn = Callable[[int, int, str], None]
 
 #: format -> (module, function). Adding a format is adding a row and a file.
 CONVERTERS: dict[Format, tuple[str, str]] = {

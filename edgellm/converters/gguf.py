@@ -17,7 +17,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from edgellm.artifact import Artifact, Format, find_artifact, write_manifest
+from edgellm.converters import ProgressFn
 from edgellm.converters.gguf_arch import GGUF_RULES, ArchRules, add_common_hparams, permute_qk
 from edgellm.converters.provenance import source_fingerprint, tool_versions
 from edgellm.converters.safetensors import Checkpoint, open_checkpoint
@@ -37,13 +38,13 @@ from edgellm.errors import (
     ModelNotFoundError,
     UnknownQuantizationError,
 )
-from edgellm.spec import ModelSpec
+from edgellm.gguf_meta import ggml_nbytes
+from edgellm.spec import ModelSpec, read_hf_config
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DIRECT_TYPES", "LLAMA_QUANT_TYPES", "convert_to_gguf", "normalize_quant"]
 
-ProgressFn = Callable[[int, int, str], None]
 
 #: Types written by edgellm itself: name -> (GGML tensor type name, llama file type id).
 DIRECT_TYPES: dict[str, tuple[str, int]] = {
@@ -155,9 +156,7 @@ def _encode(arr: np.ndarray, qtype: str) -> np.ndarray:
 def _nbytes(shape: tuple[int, ...], qtype: str) -> int:
     import gguf
 
-    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
-    n = int(np.prod(shape, dtype=np.int64))
-    return n // block * type_size
+    return ggml_nbytes(gguf.GGMLQuantizationType[qtype], shape)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -267,18 +266,10 @@ def llama_quantize(src: Path, dest: Path, quant: str, threads: int | None = None
 
 
 # ------------------------------------------------------------------------ entry point
-def _load_config(src: Path) -> dict[str, Any]:
-    import json
-
-    return json.loads((src / "config.json").read_text(encoding="utf-8"))
-
-
 def _from_hf(src: Path, staging: Path, quant: str, allow_pickle: bool,
              progress: ProgressFn | None) -> tuple[Path, ModelSpec, dict[str, Any]]:
-    spec = ModelSpec.from_hf_dir(src)
-    cfg = _load_config(src)
-    if isinstance(cfg.get("text_config"), dict):
-        cfg = {**cfg, **cfg["text_config"]}
+    cfg = read_hf_config(src)  # read once: the spec and the per-architecture rules share it
+    spec = ModelSpec.from_hf_config(cfg, source=str(src / "config.json"))
     ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
     final = staging / f"{src.name}-{quant}.gguf"
     direct = quant if quant in DIRECT_TYPES else "F16"
@@ -295,10 +286,9 @@ def _from_hf(src: Path, staging: Path, quant: str, allow_pickle: bool,
 
 def _from_gguf(src: Path, staging: Path, quant: str,
                progress: ProgressFn | None) -> tuple[Path, ModelSpec, dict[str, Any]]:
-    from edgellm.gguf_meta import read_gguf_metadata
+    from edgellm.gguf_meta import read_gguf_spec
 
-    meta = read_gguf_metadata(src)
-    spec = ModelSpec.from_gguf_metadata(meta, source=str(src))
+    spec, meta = read_gguf_spec(src)
     stem = src.stem.rsplit(".", 1)[0] if "." in src.stem else src.stem
     final = staging / f"{stem}-{quant}.gguf"
     llama_quantize(src, final, quant, progress=progress)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgellm.artifact import Artifact, Format
-from edgellm.gguf_meta import gguf_summary, read_gguf_metadata
+from edgellm.gguf_meta import gguf_summary, read_gguf_spec
 from edgellm.spec import ModelSpec
 
 __all__ = ["describe"]
@@ -30,8 +30,7 @@ def _folder_bytes(artifact: Artifact) -> int:
 
 
 def _describe_gguf(artifact: Artifact) -> dict[str, Any]:
-    meta = read_gguf_metadata(artifact.model_file, full_lists=False)
-    spec = ModelSpec.from_gguf_metadata(meta, source=str(artifact.model_file))
+    spec, meta = read_gguf_spec(artifact.model_file)
     ftype = meta.get("general.file_type")
     return {
         "quantization": artifact.quantization or _file_type_name(ftype),

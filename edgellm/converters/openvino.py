@@ -19,12 +19,12 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from edgellm.artifact import Artifact, Format, find_artifact, write_manifest
+from edgellm.converters import ProgressFn
 from edgellm.converters.provenance import source_fingerprint, tool_versions
 from edgellm.converters.staging import Staging
 from edgellm.errors import (
@@ -40,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["OV_QUANTS", "WeightRecipe", "choose_group_size", "recipe_for", "convert_to_openvino"]
 
-ProgressFn = Callable[[int, int, str], None]
 MODEL_XML = "openvino_model.xml"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja", "tokenizer.model")

@@ -54,6 +54,11 @@ __all__ = [
 DEVICES = ("cpu", "gpu", "npu", "auto")
 
 
+#: Default context cap when the caller gives none: trained contexts can be 128k tokens,
+#: and a KV cache that large does not fit a small device.
+DEFAULT_MAX_CTX = 4096
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     """How to open a runtime: context size, threads, device and backend-specific extras."""
@@ -63,6 +68,18 @@ class RuntimeOptions:
     device: str = "cpu"
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def thread_count(self) -> int:
+        """``threads``, or the physical core count (hyper-threads slow matmul-bound decoding)."""
+        import os
+
+        import psutil
+
+        return self.threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+    def context_for(self, spec: ModelSpec) -> int:
+        """``n_ctx``, or the model's trained context capped at :data:`DEFAULT_MAX_CTX`."""
+        return self.n_ctx or min(spec.max_positions, DEFAULT_MAX_CTX)
 
 
 @runtime_checkable

@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,8 @@ from edgellm.errors import (
     MissingDependencyError,
     NoCompatibleRuntimeError,
 )
-from edgellm.gguf_meta import read_gguf_metadata
+from edgellm.gguf_meta import read_gguf_spec
 from edgellm.runtimes.base import RuntimeOptions
-from edgellm.spec import ModelSpec
 
 try:
     import llama_cpp
@@ -43,7 +41,6 @@ __all__ = ["LlamaCppRuntime", "LlamaCppTokenizer", "open"]
 
 #: KV cache element types (ggml type ids, ggml.h ``enum ggml_type``).
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2}
-_DEFAULT_MAX_CTX = 4096  # default context cap: the model's trained context can be 128k
 _LOG_TAIL: collections.deque[str] = collections.deque(maxlen=20)
 _BACKEND_READY = False
 
@@ -71,14 +68,6 @@ def _native_reason() -> str:
             return lines[-1]
     return _LOG_TAIL[-1] if _LOG_TAIL else "no message from llama.cpp"
 
-
-def _physical_cores() -> int:
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:  # pragma: no cover
-        return os.cpu_count() or 1
 
 
 class LlamaCppTokenizer:
@@ -145,12 +134,11 @@ class LlamaCppRuntime:
     def __init__(self, path: Path, options: RuntimeOptions) -> None:
         _init_backend()
         self.path = path
-        metadata = read_gguf_metadata(path, full_lists=False)  # validates before native code
-        self.spec = ModelSpec.from_gguf_metadata(metadata, source=str(path))
+        self.spec, metadata = read_gguf_spec(path)  # validates before native code sees the file
         self._metadata = metadata
         self.device = self._pick_device(options.device)
-        self.threads = options.threads or _physical_cores()
-        self.n_ctx = options.n_ctx or min(self.spec.max_positions, _DEFAULT_MAX_CTX)
+        self.threads = options.thread_count()
+        self.n_ctx = options.context_for(self.spec)
         self.n_batch = min(self.n_ctx, int(options.extra.get("n_batch", 512)))
         self._model = self._load_model(path, options)
         self._ctx = self._make_context(options)

@@ -81,7 +81,6 @@ _DEVICE_KEYS: dict[str, frozenset[str]] = {
 #: Inputs of a stateful causal-LM IR exported by optimum-intel (position_ids is optional:
 #: some architectures compute positions inside the graph).
 _REQUIRED_INPUTS = ("input_ids", "attention_mask", "beam_idx")
-_DEFAULT_MAX_CTX = 4096  # same cap as the llama.cpp backend: trained contexts can be 128k
 
 
 def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -143,14 +142,6 @@ def build_properties(ov_device: str, threads: int, extra: Mapping[str, Any],
     return {k: v for k, v in wanted.items() if v is not None and k in keys}
 
 
-def _physical_cores() -> int:
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:  # pragma: no cover
-        return os.cpu_count() or 1
-
 
 def _one_line(exc: BaseException) -> str:
     """The first meaningful line of a native error (OpenVINO messages span many lines)."""
@@ -175,8 +166,8 @@ class OpenVINORuntime:
         self._core = core if core is not None else ov.Core()
         self.device = options.device
         self.ov_device = select_device(options.device, self._core.available_devices)
-        self.threads = options.threads or _physical_cores()
-        self.n_ctx = options.n_ctx or min(self.spec.max_positions, _DEFAULT_MAX_CTX)
+        self.threads = options.thread_count()
+        self.n_ctx = options.context_for(self.spec)
         cache = options.extra.get("cache_dir")
         self.cache_dir = Path(cache).expanduser() if cache else default_cache_dir()
         self.properties = build_properties(self.ov_device, self.threads, options.extra,

@@ -17,7 +17,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from edgellm.errors import InvalidInputError
+from edgellm.errors import InvalidInputError, one_line
 
 if TYPE_CHECKING:
     import jinja2
@@ -137,13 +137,9 @@ def render_chat(
         raise  # raise_exception() from the template: already one line and specific
     except SecurityError as exc:
         raise InvalidInputError(
-            f"the chat template tried an unsafe operation and was stopped ({_one_line(exc)}); "
+            f"the chat template tried an unsafe operation and was stopped ({one_line(exc)}); "
             "use a trusted template"
         ) from None
     except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError) as exc:
         # e.g. a template concatenating None content; still the caller's template/messages
-        raise InvalidInputError(f"the chat template failed to render: {_one_line(exc)}") from None
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+        raise InvalidInputError(f"the chat template failed to render: {one_line(exc)}") from None

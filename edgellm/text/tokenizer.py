@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from edgellm._jsonfile import read_json_object
-from edgellm.errors import InvalidModelError, ModelNotFoundError
+from edgellm.errors import InvalidModelError, ModelNotFoundError, one_line
 
 if TYPE_CHECKING:
     import tokenizers
@@ -194,7 +194,7 @@ class HFTokenizer:
             tok = _HFTok.from_file(str(tok_file))
         except Exception as exc:  # noqa: BLE001 (tokenizers raises a bare Exception)
             raise InvalidModelError(
-                f"{tok_file} could not be read ({_one_line(exc)}); the file is corrupt or "
+                f"{tok_file} could not be read ({one_line(exc)}); the file is corrupt or "
                 "truncated: copy it again from the source model"
             ) from None
         config = _read_json(folder / "tokenizer_config.json")
@@ -267,10 +267,6 @@ class HFTokenizer:
             f"HFTokenizer(vocab_size={self.vocab_size}, style={self._style!r}, "
             f"bos={self.bos_token!r}, eos_ids={sorted(self.eos_ids)}, add_bos={self.add_bos})"
         )
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _read_json(path: Path) -> dict[str, Any]:
