@@ -59,6 +59,13 @@ class Artifact:
     manifest: dict[str, Any]
 
     @property
+    def size_bytes(self) -> int:
+        """Bytes on disk: every file of an artifact folder, or the bare model file."""
+        if self.path.is_dir():
+            return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        return self.model_file.stat().st_size
+
+    @property
     def quantization(self) -> str | None:
         """The recorded quantization type, if any."""
         return self.manifest.get("quantization")

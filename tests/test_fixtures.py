@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgellm.converters.from_gguf import PRE_TOKENIZERS
 from tests.fixtures import require, smollm2, tiny_models
 
 TEXTS = [
@@ -205,7 +206,7 @@ def test_smollm2_hf_checkpoint_config(smollm2_hf: Path) -> None:
 
 def test_smollm2_tokenizer_matches_the_real_one(smollm2_hf: Path) -> None:
     tokenizer_json = json.loads((smollm2_hf / "tokenizer.json").read_text())
-    assert tokenizer_json["pre_tokenizer"] == smollm2.PRE_TOKENIZERS["smollm"]
+    assert tokenizer_json["pre_tokenizer"] == PRE_TOKENIZERS["smollm"]
     config = json.loads((smollm2_hf / "tokenizer_config.json").read_text())
     assert (config["bos_token"], config["eos_token"]) == ("<|im_start|>", "<|im_end|>")
     assert config["chat_template"].startswith("{% for message in messages %}")

@@ -358,3 +358,92 @@ def test_not_an_xml_or_missing(ov_export, tmp_path: Path, cache_dir: Path) -> No
     with pytest.raises(errors.InvalidModelError) as exc:
         _open(folder, cache_dir)
     _assert_one_line(exc.value, "openvino_model.xml")
+
+
+# --- NPU: static shapes (NPUW LLM pipeline) on a faked NPU ----------------------------------
+
+
+class _FakeNpuCore:
+    """An OpenVINO Core that sees an NPU: "NPU" compiles run on the CPU, properties recorded.
+
+    Only the device list and the compile call are faked; the IR is read and run for real,
+    so edgellm's NPU code path (static-shape limits, re-prefill) runs end to end.
+    """
+
+    available_devices = ["CPU", "NPU"]
+
+    def __init__(self) -> None:
+        import openvino as ov
+
+        self._core = ov.Core()
+        self.compiled: tuple[str, dict[str, str]] | None = None
+
+    def read_model(self, *args: str):
+        return self._core.read_model(*args)
+
+    def compile_model(self, model, device: str, properties: dict[str, str]):
+        self.compiled = (device, dict(properties))
+        return self._core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                       "KV_CACHE_PRECISION": "f32"})
+
+
+def _npu(folder: Path, cache_dir: Path, core: _FakeNpuCore, n_ctx: int | None = None,
+         **extra: object) -> ovrt.OpenVINORuntime:
+    options = RuntimeOptions(threads=2, device="npu", n_ctx=n_ctx,
+                             extra={"cache_dir": str(cache_dir), **extra})
+    return ovrt.OpenVINORuntime(folder / "openvino_model.xml", options, core=core)
+
+
+def test_npu_static_shapes_compile_properties(ov_export, cache_dir: Path) -> None:
+    core = _FakeNpuCore()
+    rt = _npu(ov_export("llama"), cache_dir, core, max_prompt_len=100, min_response_len=10)
+    device, props = core.compiled
+    assert device == "NPU"
+    assert {k: props[k] for k in props if k.startswith("NPU")} == {
+        "NPU_USE_NPUW": "YES", "NPUW_LLM": "YES", "NPUW_LLM_BATCH_DIM": "0",
+        "NPUW_LLM_SEQ_LEN_DIM": "2", "NPUW_LLM_MAX_PROMPT_LEN": "128",  # rounded up to 64s
+        "NPUW_LLM_MIN_RESPONSE_LEN": "64"}
+    assert "INFERENCE_NUM_THREADS" not in props and "KV_CACHE_PRECISION" not in props
+    assert rt.n_ctx == 192 and rt.info()["npu_static_shapes"] == {"max_prompt_len": 128,
+                                                                  "min_response_len": 64}
+    with pytest.raises(errors.InvalidInputError, match="n_ctx 256 > the NPU's static KV size 192"):
+        _npu(ov_export("llama"), cache_dir, _FakeNpuCore(), n_ctx=256, max_prompt_len=100,
+             min_response_len=10)
+
+
+def test_npu_shapes_come_from_the_manifest(ov_export, tmp_path: Path, cache_dir: Path) -> None:
+    folder = _copy(ov_export("llama"), tmp_path)
+    manifest = json.loads((folder / "edgellm.json").read_text())
+    (folder / "edgellm.json").write_text(json.dumps({**manifest, "npu": {
+        "max_prompt_len": 64, "min_response_len": 64}}))
+    assert _npu(folder, cache_dir, _FakeNpuCore()).n_ctx == 128
+    with pytest.raises(errors.InvalidInputError, match="max_prompt_len must be a positive integer"):
+        _npu(folder, cache_dir, _FakeNpuCore(), max_prompt_len=0)
+
+
+def test_npu_prompt_longer_than_static_shape(ov_export, cache_dir: Path) -> None:
+    rt = _npu(ov_export("llama"), cache_dir, _FakeNpuCore(), max_prompt_len=64, min_response_len=64)
+    with pytest.raises(errors.ContextOverflowError) as exc:
+        rt.forward(list(range(1, 66)))
+    msg = str(exc.value)
+    assert "\n" not in msg and "65 tokens exceeds the NPU's static prompt shape of 64" in msg
+    assert "max_prompt_len=128" in msg and rt.n_past == 0
+    rt.forward(list(range(1, 60)))
+    with pytest.raises(errors.ContextOverflowError, match="static prompt shape"):  # history + new
+        rt.forward(list(range(1, 10)))
+    for _ in range(10):  # single-token decoding may go past the prompt limit, up to the KV size
+        rt.forward([5])
+    assert rt.n_past == 69
+
+
+def test_npu_reprefills_multi_token_input_after_decoding(ov_export, cache_dir: Path) -> None:
+    folder = ov_export("llama")
+    npu = _npu(folder, cache_dir, _FakeNpuCore(), max_prompt_len=64, min_response_len=64)
+    cpu = _open(folder, cache_dir, kv_cache_precision="f32")
+    steps = [PROMPT_IDS, [40], [41], [7, 8, 9]]  # prefill, two decode steps, a new user turn
+    for chunk in steps:
+        np.testing.assert_allclose(npu.forward(chunk), cpu.forward(chunk), atol=F32_TOL)
+    assert npu.n_past == cpu.n_past == sum(map(len, steps))
+    whole = npu.forward([11, 12], all_logits=True)
+    assert whole.shape == (2, npu.n_vocab)
+    np.testing.assert_allclose(whole, cpu.forward([11, 12], all_logits=True), atol=F32_TOL)

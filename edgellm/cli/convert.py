@@ -44,6 +44,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     sym.add_argument("--sym", dest="sym", action="store_true", default=None, help="symmetric int4/int8")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric int4/int8 (default)")
     ov.add_argument("--ratio", type=float, help="share of layers in int4, the rest int8 (0-1]")
+    ov.add_argument("--calibration", metavar="TEXT_FILE",
+                    help="UTF-8 text for data-aware int4 (paragraphs, or lines, are samples); "
+                         "turns on AWQ and scale estimation")
+    ov.add_argument("--no-awq", dest="awq", action="store_false", default=None,
+                    help="with --calibration: skip AWQ")
+    ov.add_argument("--no-scale-estimation", dest="scale_estimation", action="store_false",
+                    default=None, help="with --calibration: skip scale estimation")
+    ov.add_argument("--max-prompt-len", type=int, metavar="N",
+                    help="with --npu: the NPU's static prompt length (default 1024)")
+    ov.add_argument("--min-response-len", type=int, metavar="N",
+                    help="with --npu: tokens guaranteed for the answer (default 128)")
     return p
 
 
@@ -95,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {} if args.quant is None else {"quant": args.quant}
     if args.no_verify:
         kwargs["verify"] = False
-    for name in ("sym", "ratio"):
+    for name in ("sym", "ratio", "calibration", "awq", "scale_estimation", "max_prompt_len",
+                 "min_response_len"):
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
     if getattr(args, "npu", False):
@@ -113,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         "path": str(artifact.path),
         "format": artifact.format.value,
         "model_file": str(artifact.model_file),
-        "size_bytes": artifact.model_file.stat().st_size,
+        "size_bytes": artifact.size_bytes,
         "manifest": artifact.manifest,
     }
     if args.json:

@@ -27,11 +27,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["PRE_TOKENIZERS", "add_vocab"]
 
-_LLAMA3_REGEX = (
+LLAMA3_REGEX = (
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+"
     "[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 )
-_QWEN2_REGEX = (
+QWEN2_REGEX = (
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+"
     "[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 )
@@ -40,8 +40,8 @@ _QWEN2_REGEX = (
 PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
     ("ByteLevel(regex)",): "gpt-2",
     ("Digits(individual)", "ByteLevel(regex)"): "smollm",
-    (f"Split({_LLAMA3_REGEX})", "ByteLevel"): "llama-bpe",
-    (f"Split({_QWEN2_REGEX})", "ByteLevel"): "qwen2",
+    (f"Split({LLAMA3_REGEX})", "ByteLevel"): "llama-bpe",
+    (f"Split({QWEN2_REGEX})", "ByteLevel"): "qwen2",
 }
 
 # GGUF token types (gguf.TokenType values, spelled out to keep this module import-light)

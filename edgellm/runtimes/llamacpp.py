@@ -37,7 +37,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LlamaCppRuntime", "LlamaCppTokenizer", "open"]
+__all__ = ["LlamaCppRuntime", "LlamaCppTokenizer", "open", "open_vocab"]
 
 #: KV cache element types (ggml type ids, ggml.h ``enum ggml_type``).
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2}
@@ -74,6 +74,7 @@ class LlamaCppTokenizer:
     """The tokenizer stored in the GGUF file, run by llama.cpp (implements ``Tokenizer``)."""
 
     def __init__(self, model: Any, metadata: dict[str, Any]) -> None:
+        self._model = model  # the vocabulary lives as long as its native model
         self._vocab = model.vocab
         self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         bos = int(llama_cpp.llama_vocab_bos(self._vocab))
@@ -124,6 +125,21 @@ class LlamaCppTokenizer:
     def is_special(self, token: int) -> bool:
         """True for control tokens (BOS, EOS, chat markers)."""
         return bool(llama_cpp.llama_vocab_is_control(self._vocab, token))
+
+
+def open_vocab(path: Path) -> LlamaCppTokenizer:
+    """The tokenizer of a GGUF file alone (llama.cpp loads the vocabulary, not the weights)."""
+    _init_backend()
+    _, metadata = read_gguf_spec(path)
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    try:
+        model = _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
+    except (ValueError, RuntimeError, OSError):
+        raise InvalidModelError(
+            f"{path}: llama.cpp could not read the vocabulary ({_native_reason()})"
+        ) from None
+    return LlamaCppTokenizer(model, metadata)
 
 
 class LlamaCppRuntime:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from edgellm.artifact import MANIFEST_NAME, read_manifest
 from edgellm.errors import (
     BackendError,
     ContextOverflowError,
@@ -46,9 +47,11 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "OV_DEVICES",
     "KV_CACHE_PRECISIONS",
+    "NPU_DEFAULT_SHAPES",
     "OpenVINORuntime",
     "build_properties",
     "default_cache_dir",
+    "npu_shapes",
     "open",
     "select_device",
 ]
@@ -74,9 +77,33 @@ _DEVICE_KEYS: dict[str, frozenset[str]] = {
                       "INFERENCE_PRECISION_HINT", "CACHE_DIR"}),
     "GPU": frozenset({"PERFORMANCE_HINT", "KV_CACHE_PRECISION", "INFERENCE_PRECISION_HINT",
                       "CACHE_DIR"}),
-    "NPU": frozenset({"PERFORMANCE_HINT", "CACHE_DIR"}),
+    "NPU": frozenset({"PERFORMANCE_HINT", "CACHE_DIR", "NPU_USE_NPUW", "NPUW_LLM",
+                      "NPUW_LLM_BATCH_DIM", "NPUW_LLM_SEQ_LEN_DIM", "NPUW_LLM_MAX_PROMPT_LEN",
+                      "NPUW_LLM_MIN_RESPONSE_LEN"}),
     "AUTO": frozenset({"PERFORMANCE_HINT", "CACHE_DIR"}),
 }
+
+#: NPU static shapes when neither the load options nor the manifest give them: OpenVINO
+#: GenAI's defaults for its NPU pipeline. The NPU plugin (NPUW LLM) rounds both up to 64.
+NPU_DEFAULT_SHAPES = {"max_prompt_len": 1024, "min_response_len": 128}
+NPU_ALIGN = 64
+
+
+def npu_shapes(extra: Mapping[str, Any], manifest: Mapping[str, Any]) -> dict[str, int]:
+    """The NPU's static prompt/response lengths: load options, else manifest, else defaults.
+
+    Both are rounded up to a multiple of 64 as the NPU plugin does, so the limits edgellm
+    enforces are the ones the compiled model has.
+    """
+    recorded = manifest.get("npu") or {}
+    shapes = {}
+    for key, default in NPU_DEFAULT_SHAPES.items():
+        value = extra.get(key, recorded.get(key, default))
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise InvalidInputError(f"{key} must be a positive integer, got {value!r}")
+        shapes[key] = -(-value // NPU_ALIGN) * NPU_ALIGN
+    return shapes
+
 
 #: Inputs of a stateful causal-LM IR exported by optimum-intel (position_ids is optional:
 #: some architectures compute positions inside the graph).
@@ -114,12 +141,14 @@ def select_device(device: str, available: Sequence[str]) -> str:
 
 
 def build_properties(ov_device: str, threads: int, extra: Mapping[str, Any],
-                     cache_dir: Path | None) -> dict[str, str]:
+                     cache_dir: Path | None, npu: Mapping[str, int] | None = None) -> dict[str, str]:
     """Compile properties for ``ov_device``: the wanted ones, filtered by what it accepts.
 
     PERFORMANCE_HINT is LATENCY (one stream of one request: a chat session), the thread
     count is explicit, the KV cache precision defaults to f16, INFERENCE_PRECISION_HINT
     is only set when ``extra["precision"]`` asks, and CACHE_DIR makes a second load fast.
+    On NPU the stateful model runs through the plugin's LLM pipeline (NPUW) with the
+    static shapes ``npu`` (:func:`npu_shapes`); the KV tensors are [batch, heads, seq, dim].
     """
     kv = str(extra.get("kv_cache_precision", "f16")).lower()
     if kv not in KV_CACHE_PRECISIONS:
@@ -138,6 +167,13 @@ def build_properties(ov_device: str, threads: int, extra: Mapping[str, Any],
         "INFERENCE_PRECISION_HINT": INFERENCE_PRECISIONS[precision],
         "CACHE_DIR": str(cache_dir) if cache_dir is not None else None,
     }
+    if npu is not None:
+        wanted.update({
+            "NPU_USE_NPUW": "YES", "NPUW_LLM": "YES", "NPUW_LLM_BATCH_DIM": "0",
+            "NPUW_LLM_SEQ_LEN_DIM": "2",
+            "NPUW_LLM_MAX_PROMPT_LEN": str(npu["max_prompt_len"]),
+            "NPUW_LLM_MIN_RESPONSE_LEN": str(npu["min_response_len"]),
+        })
     keys = _DEVICE_KEYS.get(ov_device.split(".")[0], _DEVICE_KEYS["AUTO"])
     return {k: v for k, v in wanted.items() if v is not None and k in keys}
 
@@ -150,6 +186,11 @@ def _one_line(exc: BaseException) -> str:
         if "Exception from" not in ln and not ln.startswith("Check "):
             return ln[:300]
     return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def _manifest_of(folder: Path) -> dict[str, Any]:
+    """The folder's edgellm.json, or {} for an IR exported by other tools."""
+    return read_manifest(folder) if (folder / MANIFEST_NAME).is_file() else {}
 
 
 class OpenVINORuntime:
@@ -167,11 +208,16 @@ class OpenVINORuntime:
         self.device = options.device
         self.ov_device = select_device(options.device, self._core.available_devices)
         self.threads = options.thread_count()
-        self.n_ctx = options.context_for(self.spec)
+        self.npu: dict[str, int] | None = None
+        if self.ov_device == "NPU":
+            self.npu = npu_shapes(options.extra, _manifest_of(folder))
+            self.n_ctx = self._npu_context(options)
+        else:
+            self.n_ctx = options.context_for(self.spec)
         cache = options.extra.get("cache_dir")
         self.cache_dir = Path(cache).expanduser() if cache else default_cache_dir()
         self.properties = build_properties(self.ov_device, self.threads, options.extra,
-                                           self.cache_dir)
+                                           self.cache_dir, self.npu)
         model = self._read_model()
         self._compiled = self._compile(model)
         self._request = self._compiled.create_infer_request()
@@ -180,6 +226,18 @@ class OpenVINORuntime:
         self._ids: list[int] = []  # token ids currently in the state (trim re-feeds them)
 
     # -- loading --------------------------------------------------------------------------
+
+    def _npu_context(self, options: RuntimeOptions) -> int:
+        """On NPU the KV cache is static: max_prompt_len + min_response_len positions."""
+        assert self.npu is not None
+        size = self.npu["max_prompt_len"] + self.npu["min_response_len"]
+        if options.n_ctx is not None and options.n_ctx > size:
+            raise InvalidInputError(
+                f"{self.path}: n_ctx {options.n_ctx} > the NPU's static KV size {size} "
+                f"(max_prompt_len {self.npu['max_prompt_len']} + min_response_len "
+                f"{self.npu['min_response_len']}); raise max_prompt_len or min_response_len"
+            )
+        return options.n_ctx or size
 
     @staticmethod
     def _check_files(path: Path) -> None:
@@ -245,6 +303,13 @@ class OpenVINORuntime:
                 f"{past} tokens in context + {n} new > context {self.n_ctx}; "
                 "load the model with a larger n_ctx"
             )
+        if self.npu is not None:
+            self._check_npu_prompt(past, n)
+            if past and n > 1:  # the NPU pipeline prefills once: re-prefill the whole history
+                history = [*self._ids, *map(int, tokens)]
+                self.reset()
+                out = self.forward(history, all_logits)
+                return out[-n:] if all_logits else out
         ids = np.asarray([list(map(int, tokens))], dtype=np.int64)
         feed = {"input_ids": ids,
                 "attention_mask": np.ones((1, past + n), dtype=np.int64),
@@ -259,6 +324,17 @@ class OpenVINORuntime:
         logits = self._request.get_tensor("logits").data[0]
         rows = logits if all_logits else logits[-1]
         return np.array(rows, dtype=np.float32, copy=True)
+
+    def _check_npu_prompt(self, past: int, n: int) -> None:
+        assert self.npu is not None
+        limit = self.npu["max_prompt_len"]
+        if n > 1 and past + n > limit:
+            raise ContextOverflowError(
+                f"{self.path}: a prompt of {past + n} tokens exceeds the NPU's static prompt "
+                f"shape of {limit} tokens; shorten the prompt, or load with "
+                f"max_prompt_len={-(-(past + n) // NPU_ALIGN) * NPU_ALIGN} (or convert with "
+                "--max-prompt-len) at the cost of NPU memory and compile time"
+            )
 
     def trim(self, n_keep: int) -> None:
         """Keep the first ``n_keep`` positions: reset the state and re-feed the kept ids."""
@@ -291,6 +367,7 @@ class OpenVINORuntime:
             "kv_cache_precision": self.properties.get("KV_CACHE_PRECISION", "device default"),
             "inference_precision": self.properties.get("INFERENCE_PRECISION_HINT", "device default"),
             "cache_dir": str(self.cache_dir),
+            "npu_static_shapes": self.npu,
             "model_file": str(self.path),
             "openvino_version": ov.get_version(),
         }

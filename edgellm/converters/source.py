@@ -1,0 +1,86 @@
+"""The source of a traced export (OpenVINO, ONNX): a Hugging Face folder or a GGUF file.
+
+Exporters that trace PyTorch need a Hugging Face checkpoint. :func:`open_source` checks the
+source before any long step (folder with a valid checkpoint, or a GGUF whose header reads),
+and :meth:`Source.hf_dir` gives the checkpoint folder: the source itself, or a
+dequantized copy of the GGUF written inside the converter's staging folder (so it goes
+away with it, whatever happens).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgellm.converters import ProgressFn
+from edgellm.converters.provenance import source_fingerprint
+from edgellm.errors import InvalidModelError, ModelNotFoundError
+from edgellm.spec import ModelSpec
+
+__all__ = ["Source", "open_source"]
+
+_DEQUANTIZED = ".source-hf"
+
+
+@dataclass
+class Source:
+    """A validated export source."""
+
+    path: Path
+    kind: str  # "hf" or "gguf"
+    spec: ModelSpec
+    dequantized: dict[str, Any] | None = field(default=None)
+    _hf: Path | None = field(default=None, repr=False)
+
+    def hf_dir(self, workdir: Path, progress: ProgressFn | None = None) -> Path:
+        """The Hugging Face checkpoint folder (a GGUF is dequantized into ``workdir`` once)."""
+        if self.kind == "hf":
+            return self.path
+        if self._hf is None:
+            from edgellm.converters.from_gguf import dequantize_gguf
+
+            if progress:
+                progress(0, 1, "dequantize GGUF")
+            self._hf = workdir / _DEQUANTIZED
+            self.dequantized = dequantize_gguf(self.path, self._hf)
+            self.spec = ModelSpec.from_hf_dir(self._hf)
+            if progress:
+                progress(1, 1, "dequantize GGUF")
+        return self._hf
+
+    def cleanup(self) -> None:
+        """Remove the dequantized copy (before the staging folder is measured and renamed)."""
+        if self._hf is not None:
+            shutil.rmtree(self._hf, ignore_errors=True)
+            self._hf = None
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """What the manifest records about the source."""
+        entry: dict[str, Any] = {**source_fingerprint(self.path), "source_kind": self.kind}
+        if self.dequantized is not None:
+            entry["dequantized"] = self.dequantized
+        return entry
+
+
+def open_source(src: Path, allow_pickle: bool = False) -> Source:
+    """Validate ``src`` (HF checkpoint folder or ``.gguf`` file) before a long export."""
+    from edgellm.converters.safetensors import open_checkpoint
+    from edgellm.gguf_meta import read_gguf_spec
+
+    if src.is_file():
+        if src.suffix.lower() != ".gguf":
+            raise InvalidModelError(
+                f"{src}: not a model folder or .gguf file; pass a Hugging Face checkpoint "
+                "folder or a GGUF file"
+            )
+        spec, _ = read_gguf_spec(src)  # validates magic, header and truncation
+        return Source(src, "gguf", spec)
+    if not src.is_dir():
+        raise ModelNotFoundError(
+            f"source {str(src)!r} does not exist; pass a Hugging Face checkpoint folder or a .gguf file"
+        )
+    spec = ModelSpec.from_hf_dir(src)
+    open_checkpoint(src, allow_pickle=allow_pickle).close()
+    return Source(src, "hf", spec)
