@@ -269,6 +269,15 @@ for _row in (
         description="OpenVINO Runtime (stateful IR)",
     ),
     BackendSpec(
+        name="onnxruntime",
+        module="edgellm.runtimes.onnxruntime",
+        formats=("onnx",),
+        devices=("cpu", "gpu", "npu"),
+        requires="onnxruntime",
+        extra="onnx",
+        description="ONNX Runtime (optimum decoder with KV inputs, I/O binding)",
+    ),
+    BackendSpec(
         name="fake",
         module="edgellm.runtimes.fake",
         formats=("fake",),
