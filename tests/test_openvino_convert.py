@@ -11,7 +11,7 @@ import pytest
 import edgellm
 from edgellm import errors
 from edgellm.converters.from_gguf import PROBE_TEXTS, write_tokenizer_files
-from edgellm.converters.openvino import choose_group_size, read_calibration, recipe_for
+from edgellm.converters.openvino import EXPORT_CAVEATS, choose_group_size, read_calibration, recipe_for
 from edgellm.spec import ModelSpec
 from tests.fixtures import require, tiny_models
 
@@ -216,3 +216,11 @@ def test_failing_tokenizer_models_leave_nothing_and_say_why(tiny_model, tmp_path
     status = json.loads((art.path / "edgellm.json").read_text())["openvino_tokenizers"]
     assert status == {"status": "not written", "reason": "unsupported detokenizer step"}
     assert not list(art.path.glob("openvino_*tokenizer*"))
+
+
+def test_gemma2_export_caveat_is_recorded(tiny_model, tmp_path: Path, caplog) -> None:
+    with caplog.at_level("WARNING", logger="edgellm.converters.openvino"):
+        art = edgellm.convert(tiny_model("gemma2"), tmp_path / "g2", format="openvino", quant="fp32")
+    manifest = json.loads((art.path / "edgellm.json").read_text())
+    assert manifest["caveats"] == [EXPORT_CAVEATS["gemma2"]] and "soft-capping" in caplog.text
+    assert manifest["parity"]["max_abs_logit_diff"] > 1e-3  # the drift the caveat warns about

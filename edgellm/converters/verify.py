@@ -82,8 +82,9 @@ class _Reference:
             raise MissingDependencyError("transformers", "convert", "parity verification") from None
         self.torch = torch
         torch.set_num_threads(max(1, os.cpu_count() or 1))
+        # eager attention is the model's reference math: SDPA skips Gemma 2's soft-capping
         self.model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, attn_implementation="sdpa"
+            folder, dtype=torch.float32, attn_implementation="eager"
         ).eval()
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
