@@ -51,20 +51,15 @@ def bench_optimum(path: Path, tokens: int, cache_dir: str) -> dict[str, float]:
     from optimum.intel import OVModelForCausalLM
     from tokenizers import Tokenizer
 
+    from benchmarks.common import time_hf_generate
+
     t0 = time.perf_counter()
     model = OVModelForCausalLM.from_pretrained(
         path, ov_config={"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": 2, "CACHE_DIR": cache_dir})
     load_s = time.perf_counter() - t0
     ids = torch.tensor([Tokenizer.from_file(str(path / "tokenizer.json")).encode(PROMPT).ids])
-    mask = torch.ones_like(ids)
-    model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)  # warm-up
-    t1 = time.perf_counter()
-    model.generate(ids, attention_mask=mask, max_new_tokens=1, min_new_tokens=1, do_sample=False)
-    ttft = time.perf_counter() - t1
-    t2 = time.perf_counter()
-    model.generate(ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-    total = time.perf_counter() - t2
-    return {"decode_tps": (tokens - 1) / (total - ttft), "ttft_ms": ttft * 1e3, "load_s": load_s}
+    ttft_ms, decode_tps = time_hf_generate(model, ids, tokens)
+    return {"decode_tps": decode_tps, "ttft_ms": ttft_ms, "load_s": load_s}
 
 
 def bench_genai(path: Path, tokens: int, cache_dir: str) -> dict[str, float]:

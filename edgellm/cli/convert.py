@@ -55,6 +55,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     help="with --npu: the NPU's static prompt length (default 1024)")
     ov.add_argument("--min-response-len", type=int, metavar="N",
                     help="with --npu: tokens guaranteed for the answer (default 128)")
+    ox = p.add_argument_group("ONNX MatMulNBits (--format onnx --quant int4|int8; --sym/--asym apply too)")
+    ox.add_argument("--block-size", type=int, metavar="N", help="MatMulNBits block: 32 (default), 64 or 128")
+    ox.add_argument("--accuracy-level", type=int, metavar="L",
+                    help="MatMulNBits compute: 4 = int8 activations (default, fast on CPU), 0 = float")
     return p
 
 
@@ -107,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     if args.no_verify:
         kwargs["verify"] = False
     for name in ("sym", "ratio", "calibration", "awq", "scale_estimation", "max_prompt_len",
-                 "min_response_len"):
+                 "min_response_len", "block_size", "accuracy_level"):
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
     if getattr(args, "npu", False):

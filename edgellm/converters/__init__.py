@@ -18,6 +18,7 @@ ProgressFn = Callable[[int, int, str], None]
 CONVERTERS: dict[Format, tuple[str, str]] = {
     Format.GGUF: ("edgellm.converters.gguf", "convert_to_gguf"),
     Format.OPENVINO: ("edgellm.converters.openvino", "convert_to_openvino"),
+    Format.ONNX: ("edgellm.converters.onnx", "convert_to_onnx"),
 }
 
 

@@ -204,6 +204,17 @@ def _import_stack() -> tuple[Any, Any]:
     return torch, transformers
 
 
+def _fix_config(config: Any, meta: dict[str, Any], arch: str) -> None:
+    """What transformers' GGUF config reader misses (4.57): an explicit head size.
+
+    It derives ``head_dim`` as hidden / heads, which is wrong for Qwen 3, Gemma and any model
+    whose ``{arch}.attention.key_length`` says otherwise; loading then fails on shapes.
+    """
+    key_length = meta.get(f"{arch}.attention.key_length")
+    if isinstance(key_length, int) and hasattr(config, "head_dim"):
+        config.head_dim = key_length
+
+
 def dequantize_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> dict[str, Any]:
     """Write a Hugging Face checkpoint of ``gguf_path`` into ``out_dir``; return provenance.
 
@@ -227,8 +238,11 @@ def dequantize_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> d
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
+        _fix_config(config, meta, arch)
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=getattr(torch, dtype),
+            gguf_path.parent, gguf_file=gguf_path.name, config=config, dtype=getattr(torch, dtype),
             local_files_only=True)
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)

@@ -339,7 +339,6 @@ def convert_to_openvino(
     ``calibration`` is a text file for data-aware int4 (AWQ, scale estimation).
     """
     from edgellm.converters.source import open_source
-    from edgellm.converters.verify import check_after_convert
 
     source = open_source(src, allow_pickle=allow_pickle)  # validate before a long export
     calib = read_calibration(Path(calibration)) if calibration is not None else None
@@ -360,12 +359,7 @@ def convert_to_openvino(
         if progress:
             progress(1, 1, f"export {recipe.quant}")
         xml = stage.path / MODEL_XML
-        parity = (
-            check_after_convert(xml, reference or hf_dir, recipe.quant.upper(), prompts, fmt="openvino")
-            if verify else {"status": "skipped", "reason": "conversion run with verify off"}
-        )
-        if reference is None and source.kind == "gguf" and "reference" in parity:
-            parity["reference"] = f"{source.path} dequantized by {source.dequantized['by']}"
+        parity = source.parity(xml, reference, recipe.quant, prompts, verify, fmt="openvino")
         source.cleanup()
         manifest: dict[str, Any] = {
             "format": Format.OPENVINO.value,

@@ -56,6 +56,23 @@ class Source:
             shutil.rmtree(self._hf, ignore_errors=True)
             self._hf = None
 
+    def parity(self, model_file: Path, reference: Path | None, quant: str, prompts: list[str] | None,
+               verify: bool, fmt: str) -> dict[str, Any]:
+        """Parity of the fresh artifact against ``reference`` or the source (gated for floats).
+
+        A GGUF source is compared through its dequantized checkpoint, and the manifest says so
+        rather than naming the temporary folder.
+        """
+        from edgellm.converters.verify import check_after_convert
+
+        if not verify:
+            return {"status": "skipped", "reason": "conversion run with verify off"}
+        parity = check_after_convert(model_file, reference or self.hf_dir(model_file.parent),
+                                     quant.upper(), prompts, fmt=fmt)
+        if reference is None and self.dequantized is not None and "reference" in parity:
+            parity["reference"] = f"{self.path} dequantized by {self.dequantized['by']}"
+        return parity
+
     def manifest_entry(self) -> dict[str, Any]:
         """What the manifest records about the source."""
         entry: dict[str, Any] = {**source_fingerprint(self.path), "source_kind": self.kind}
