@@ -447,3 +447,19 @@ def test_npu_reprefills_multi_token_input_after_decoding(ov_export, cache_dir: P
     whole = npu.forward([11, 12], all_logits=True)
     assert whole.shape == (2, npu.n_vocab)
     np.testing.assert_allclose(whole, cpu.forward([11, 12], all_logits=True), atol=F32_TOL)
+
+
+def test_compiled_cache_is_per_model_files(ov_export, tmp_path: Path, cache_dir: Path) -> None:
+    folder = _copy(ov_export("llama"), tmp_path)
+    xml = folder / "openvino_model.xml"
+    first = ovrt.model_fingerprint(xml)
+    rt = _open(folder, cache_dir)
+    assert rt.properties["CACHE_DIR"] == str(cache_dir / first)
+    assert any((cache_dir / first).iterdir()), "the compiled blob is cached"
+    rt.close()
+    weights = xml.with_suffix(".bin")  # a re-conversion at the same path: new files, new folder
+    stat = weights.stat()
+    import os
+
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert ovrt.model_fingerprint(xml) != first

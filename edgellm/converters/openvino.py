@@ -193,6 +193,9 @@ def _export(src: Path, dest: Path, recipe: WeightRecipe,
     # checked by parity and its recipe recorded in the manifest.
     logging.getLogger("nncf").setLevel(logging.WARNING)
     logging.getLogger("optimum").setLevel(logging.ERROR)  # its probes log misleading "errors"
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # deprecation chatter about optimum's own calls
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

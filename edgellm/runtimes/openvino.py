@@ -51,6 +51,7 @@ __all__ = [
     "OpenVINORuntime",
     "build_properties",
     "default_cache_dir",
+    "model_fingerprint",
     "npu_shapes",
     "open",
     "select_device",
@@ -188,6 +189,19 @@ def _one_line(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:300]
 
 
+def model_fingerprint(xml: Path) -> str:
+    """Names the compiled-model cache of one IR: sizes and mtimes of its .xml and .bin.
+
+    OpenVINO keys a compile-from-path cache entry by the file's path, so a model re-converted
+    at the same path would load the old blob; a folder per fingerprint prevents that.
+    """
+    import hashlib
+
+    stats = [f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+             for p in (xml, xml.with_suffix(".bin"))]
+    return hashlib.sha256("|".join(stats).encode()).hexdigest()[:16]
+
+
 def _manifest_of(folder: Path) -> dict[str, Any]:
     """The folder's edgellm.json, or {} for an IR exported by other tools."""
     return read_manifest(folder) if (folder / MANIFEST_NAME).is_file() else {}
@@ -217,11 +231,12 @@ class OpenVINORuntime:
         cache = options.extra.get("cache_dir")
         self.cache_dir = Path(cache).expanduser() if cache else default_cache_dir()
         self.properties = build_properties(self.ov_device, self.threads, options.extra,
-                                           self.cache_dir, self.npu)
-        model = self._read_model()
-        self._compiled = self._compile(model)
+                                           self.cache_dir / model_fingerprint(self.path), self.npu)
+        self._compiled = self._compile()
         self._request = self._compiled.create_infer_request()
-        self._inputs = {i.get_any_name() for i in self._compiled.inputs}
+        self._inputs = {n for i in self._compiled.inputs for n in i.get_names()}
+        # NPUW turns the model stateless inside the plugin: its states are not queryable
+        self._check_stateful(self._inputs, self.npu is not None or bool(self._request.query_state()))
         self.n_vocab = self._vocab_size()
         self._ids: list[int] = []  # token ids currently in the state (trim re-feeds them)
 
@@ -252,6 +267,25 @@ class OpenVINORuntime:
                 "or re-convert the model"
             )
 
+    def _compile(self) -> Any:
+        """Compile from the file path, so a cached blob loads without reading the IR at all.
+
+        When that fails, the IR is read explicitly to tell a damaged file
+        (:class:`InvalidModelError` naming it) from a device that cannot compile it
+        (:class:`BackendError`).
+        """
+        try:
+            return self._core.compile_model(str(self.path), self.ov_device, self.properties)
+        except (RuntimeError, ValueError, TypeError):
+            model = self._read_model()
+        try:
+            return self._core.compile_model(model, self.ov_device, self.properties)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise BackendError(
+                f"{self.path}: OpenVINO could not compile the model for {self.ov_device} "
+                f"({_one_line(exc)}); try another device or kv_cache_precision"
+            ) from None
+
     def _read_model(self) -> Any:
         """Read the IR; a truncated or mismatched .bin is an InvalidModelError naming it."""
         try:
@@ -261,24 +295,17 @@ class OpenVINORuntime:
                 f"{self.path}: OpenVINO could not read the model ({_one_line(exc)}); the .xml or "
                 ".bin is corrupt, truncated or from another export: re-convert the model"
             ) from None
-        names = {n for i in model.inputs for n in i.get_names()}
+        self._check_stateful({n for i in model.inputs for n in i.get_names()}, bool(model.get_sinks()))
+        return model
+
+    def _check_stateful(self, names: set[str], has_state: bool) -> None:
         missing = [n for n in _REQUIRED_INPUTS if n not in names]
-        if missing or not model.get_sinks():
+        if missing or not has_state:
             what = f"inputs {', '.join(missing)} missing" if missing else "no variable states"
             raise InvalidModelError(
                 f"{self.path}: not a stateful causal-LM IR ({what}); export it with "
                 "optimum-intel (OVModelForCausalLM, stateful=True)"
             )
-        return model
-
-    def _compile(self, model: Any) -> Any:
-        try:
-            return self._core.compile_model(model, self.ov_device, self.properties)
-        except (RuntimeError, ValueError, TypeError) as exc:
-            raise BackendError(
-                f"{self.path}: OpenVINO could not compile the model for {self.ov_device} "
-                f"({_one_line(exc)}); try another device or kv_cache_precision"
-            ) from None
 
     def _vocab_size(self) -> int:
         shape = self._compiled.output("logits").get_partial_shape()
