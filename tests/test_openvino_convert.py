@@ -78,9 +78,10 @@ def test_cli_npu_recipe_and_bad_ratio(tiny_model, tmp_path: Path) -> None:
 
     out = tmp_path / "npu"
     proc = subprocess.run([sys.executable, "-m", "edgellm", "convert", str(tiny_model("llama")),
-                           "--format", "openvino", "--quant", "int4", "--npu", "--no-verify", "-o", str(out)],
-                          capture_output=True, text=True, timeout=300)
+                           "--format", "openvino", "--quant", "int4", "--npu", "--no-verify", "--json",
+                           "-o", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["format"] == "openvino"  # NNCF's progress bars kept off stdout
     recipe = json.loads((out / "edgellm.json").read_text())["weight_compression"]
     assert (recipe["bits"], recipe["sym"], recipe["group_size"]) == (4, True, -1)
     bad = subprocess.run([sys.executable, "-m", "edgellm", "convert", str(tiny_model("llama")),

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -131,7 +132,7 @@ def _export(hf_dir: Path, dest: Path) -> Path:
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             hf_dir, dtype=torch.float32, attn_implementation="eager", local_files_only=True)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
             warnings.simplefilter("ignore")  # torch.onnx TracerWarnings; the result is checked
             exporter.onnx_export_from_model(model.eval(), dest, task=TASK, do_validation=False)
     except Exception as exc:  # torch.onnx and optimum raise many types; one line for the user

@@ -16,8 +16,10 @@ needs optimum, transformers or torch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -196,7 +198,8 @@ def _export(src: Path, dest: Path, recipe: WeightRecipe,
     import transformers
 
     transformers.logging.set_verbosity_error()  # deprecation chatter about optimum's own calls
-    with warnings.catch_warnings():
+    # NNCF draws progress bars on stdout: send them to stderr, so `--json` output stays JSON
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")
         try:
             main_export(str(src), dest, task=task, stateful=True, ov_config=OVConfig(dtype=dtype),
