@@ -14,6 +14,7 @@ caller passed also derive from :class:`ValueError`, a missing optional dependenc
     │   ├── UnknownQuantizationError              quantization type not known for a format
     │   ├── UnknownBackendError                   backend name not registered
     │   ├── UnknownDeviceError                    device name not known
+    │   ├── DeviceProfileError                    a device profile (TOML) is malformed
     │   ├── OutputExistsError                     output exists and --force was not given
     │   └── ContextOverflowError                  prompt + generation exceed the context
     ├── MissingDependencyError (ImportError)      an optional extra is not installed
@@ -38,6 +39,7 @@ __all__ = [
     "UnknownQuantizationError",
     "UnknownBackendError",
     "UnknownDeviceError",
+    "DeviceProfileError",
     "OutputExistsError",
     "ContextOverflowError",
     "MissingDependencyError",
@@ -91,6 +93,10 @@ class UnknownBackendError(InvalidInputError):
 
 class UnknownDeviceError(InvalidInputError):
     """The device name is not one edgellm knows."""
+
+
+class DeviceProfileError(InvalidInputError):
+    """A device profile is malformed: the message names the file, the field, the value and the fix."""
 
 
 class OutputExistsError(InvalidInputError, FileExistsError):

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from edgellm import __version__
-from edgellm.cli import bench, chat, convert, inspect, quickstart, run, verify
+from edgellm.cli import bench, chat, convert, devices, inspect, quickstart, run, verify
 from edgellm.cli._common import GLOBAL_FLAGS
 from edgellm.errors import EdgeLLMError, InvalidInputError
 
@@ -37,6 +37,7 @@ COMMANDS: dict[str, ModuleType] = {
     "verify": verify,
     "inspect": inspect,
     "bench": bench,
+    "devices": devices,
 }
 
 #: Exception type -> exit code, most specific first.
