@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +218,15 @@ class OpenVINORuntime:
         self._check_files(self.path)
         folder = self.path.parent
         self.spec = ModelSpec.from_hf_dir(folder)
-        self.tokenizer = HFTokenizer.from_dir(folder)
+        # the tokenizer parses while OpenVINO compiles (both release the GIL): half a cached load
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            tokenizer = pool.submit(HFTokenizer.from_dir, folder)
+            self._open_compiled(options, core, folder)
+            self.tokenizer = tokenizer.result()
+        self.n_vocab = self._vocab_size()
+        self._ids: list[int] = []  # token ids currently in the state (trim re-feeds them)
+
+    def _open_compiled(self, options: RuntimeOptions, core: Any, folder: Path) -> None:
         self._core = core if core is not None else ov.Core()
         self.device = options.device
         self.ov_device = select_device(options.device, self._core.available_devices)
@@ -237,8 +246,6 @@ class OpenVINORuntime:
         self._inputs = {n for i in self._compiled.inputs for n in i.get_names()}
         # NPUW turns the model stateless inside the plugin: its states are not queryable
         self._check_stateful(self._inputs, self.npu is not None or bool(self._request.query_state()))
-        self.n_vocab = self._vocab_size()
-        self._ids: list[int] = []  # token ids currently in the state (trim re-feeds them)
 
     # -- loading --------------------------------------------------------------------------
 
