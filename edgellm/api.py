@@ -36,7 +36,7 @@ def _check_positive(name: str, value: int | None) -> None:
 def load(
     path: str | os.PathLike[str],
     backend: str | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     n_ctx: int | None = None,
     threads: int | None = None,
     seed: int | None = None,
@@ -44,10 +44,18 @@ def load(
 ) -> Model:
     """Load a converted model (folder with ``edgellm.json``, or a bare ``.gguf`` file).
 
-    ``backend`` names a registered backend ("llamacpp", ...); by default the first
-    installed backend that reads the artifact's format is used. ``n_ctx`` defaults to the
-    model's trained context capped at 4096 tokens; ``threads`` to the physical cores;
-    ``seed`` makes the session's sampling reproducible (None: a random seed).
+    ``device="auto"`` (the default) plans the model against this host
+    (:func:`edgellm.devices.plan` on :func:`~edgellm.devices.planner.host_profile`, which asks
+    only the runtimes that read this format): the backend and device the plan chooses are
+    opened, with the plan's context when ``n_ctx`` is not given and its KV precision when
+    ``kv_type`` / ``kv_cache_precision`` is not given. When nothing fits the host's memory,
+    :class:`~edgellm.errors.NoCompatibleRuntimeError` carries every reason; there is no
+    silent fallback. An explicit device ("cpu", "gpu", "npu") is opened as asked, unplanned.
+
+    ``backend`` names a registered backend ("llamacpp", ...); by default the plan's (or, with
+    an explicit device, the first installed backend that reads the artifact's format).
+    ``n_ctx`` defaults to the model's trained context capped at 4096 tokens; ``threads`` to
+    the physical cores; ``seed`` makes the session's sampling reproducible (None: random).
     """
     from edgellm.model import Model
 
@@ -59,8 +67,10 @@ def load(
             f"{artifact.path} is a Hugging Face checkpoint, not a runnable artifact; "
             f"convert it first: edgellm convert {artifact.path} --format gguf -o OUT"
         )
-    options = RuntimeOptions(n_ctx=n_ctx, threads=threads, device=device, seed=seed or 0,
-                             extra=dict(backend_options))
+    extra = dict(backend_options)
+    if device == "auto":
+        backend, device, n_ctx, extra = _plan_here(artifact, backend, n_ctx, extra)
+    options = RuntimeOptions(n_ctx=n_ctx, threads=threads, device=device, seed=seed or 0, extra=extra)
     runtime = open_runtime(artifact.model_file, artifact.format.value, options, backend)
     try:
         return Model(runtime, manifest=artifact.manifest, seed=seed)
@@ -69,12 +79,45 @@ def load(
         raise
 
 
+def _plan_here(artifact: Artifact, backend: str | None, n_ctx: int | None, extra: dict[str, Any]
+               ) -> tuple[str | None, str, int | None, dict[str, Any]]:
+    """``device="auto"``: the plan's backend, device, context and KV precision on this host."""
+    from edgellm.devices.planner import PLANNED_FORMATS, host_profile, plan
+    from edgellm.runtimes.base import get_backend
+
+    fmt = artifact.format.value
+    if fmt not in PLANNED_FORMATS or (backend is not None and not get_backend(backend).installed()):
+        return backend, "auto", n_ctx, extra  # the test double, or a missing extra named as before
+    chosen = plan(artifact.path, host_profile([fmt]), n_ctx,
+                  backends=None if backend is None else [backend]).choice
+    assert chosen is not None  # plan() raises when nothing fits
+    return chosen.backend, chosen.device, n_ctx or chosen.context, {**chosen.runtime_options, **extra}
+
+
+def _plan_conversion(src: str | os.PathLike[str], device: str, format: str | None, quant: str | None,
+                     options: dict[str, Any]) -> tuple[str | None, str | None, dict[str, Any]]:
+    """The plan's format, quantization and recipe options for what the caller left out."""
+    from edgellm.devices.planner import QUANTS, describe_model, plan
+
+    if format is not None and quant is not None:
+        return format, quant, options
+    if format is not None:
+        formats: list[str] | None = [Format.parse(format).value]
+    else:  # a quantization narrows the plan to the formats that have it (an unknown one: any format)
+        formats = sorted({q.format for q in QUANTS if quant and q.name.lower() == quant.lower()}) or None
+    chosen = plan(describe_model(src).spec, device, formats=formats).choice
+    assert chosen is not None  # plan() raises when nothing fits
+    logger.info("converting %s for %s: %s", src, device, chosen.label)
+    return format or chosen.format, quant or chosen.quantization, {**chosen.convert_options, **options}
+
+
 def convert(
     src: str | os.PathLike[str],
     output: str | os.PathLike[str],
-    format: str = "gguf",
+    format: str | None = None,
     quant: str | None = None,
     *,
+    device: str | None = None,
     force: bool = False,
     allow_pickle: bool = False,
     verify: bool = True,
@@ -88,13 +131,23 @@ def convert(
     The result is written to a temporary folder beside ``output``, verified, and renamed
     into place only when complete. Parity against the HF source (or ``verify_with``, a HF
     checkpoint) is measured and recorded in the manifest when transformers is installed;
-    ``verify=False`` skips that (the manifest says so). ``quant`` defaults to the format's
-    lossless-enough type (GGUF F16, OpenVINO fp16). Format-specific ``options`` go to the
-    converter (OpenVINO: ``npu``, ``sym``, ``ratio``).
+    ``verify=False`` skips that (the manifest says so). ``format`` defaults to gguf, ``quant``
+    to the format's lossless-enough type (GGUF F16, OpenVINO fp16). Format-specific
+    ``options`` go to the converter (OpenVINO: ``npu``, ``sym``, ``ratio``).
+
+    ``device`` names a device profile (a built-in or user profile name, a .toml file, or
+    "this-host"): the source is planned for it (:func:`edgellm.devices.plan`, nothing loaded)
+    and the plan's choice fills in what the caller left out: the format and quantization
+    (only the quantization when ``format`` is given; only the format when ``quant`` is), and
+    for an NPU choice the NPU recipe (``npu=True``, the profile's ``max_prompt_len``). Both
+    given: used as given. When nothing fits the device, NoCompatibleRuntimeError says what is
+    missing and which quantization would fit; nothing is converted.
     """
     from edgellm.converters import get_converter
 
-    fmt = Format.parse(format)
+    if device is not None:
+        format, quant, options = _plan_conversion(src, device, format, quant, options)
+    fmt = Format.parse(format or "gguf")
     converter = get_converter(fmt)
     if quant is not None:
         options["quant"] = quant

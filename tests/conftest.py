@@ -87,3 +87,12 @@ def smollm2_gguf() -> Path:
 def smollm2_hf(smollm2_gguf: Path) -> Path:
     require(*_CONVERT_STACK, "accelerate", "gguf")
     return smollm2.smollm2_hf_dir()
+
+
+@pytest.fixture
+def user_devices_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A user device-profile folder of this test's own (empty unless the test writes to it)."""
+    folder = tmp_path / "user-devices"
+    folder.mkdir()
+    monkeypatch.setenv("EDGELLM_DEVICES_DIR", str(folder))
+    return folder

@@ -58,12 +58,9 @@ HEAVY = ("torch", "transformers", "llama_cpp", "openvino", "onnxruntime")
 
 
 @pytest.fixture(autouse=True)
-def empty_user_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A user profile folder of this test's own (empty unless the test writes to it)."""
-    folder = tmp_path / "user-devices"
-    folder.mkdir()
-    monkeypatch.setenv("EDGELLM_DEVICES_DIR", str(folder))
-    return folder
+def _own_user_devices_dir(user_devices_dir: Path) -> Path:
+    """Every test gets its own empty user profile folder (conftest.user_devices_dir)."""
+    return user_devices_dir
 
 
 def _one_line(exc: BaseException, *needles: str) -> str:
@@ -300,23 +297,23 @@ def test_missing_file_and_unreadable_text(tmp_path: Path) -> None:
 # -- user profiles --------------------------------------------------------------------------------
 
 
-def test_user_dir_adds_and_overrides(empty_user_dir: Path) -> None:
-    assert user_profiles_dir() == empty_user_dir
+def test_user_dir_adds_and_overrides(user_devices_dir: Path) -> None:
+    assert user_profiles_dir() == user_devices_dir
     builtin = load_profile("raspberry-pi-5-8gb")
-    _write(empty_user_dir, GOOD)
+    _write(user_devices_dir, GOOD)
     override = (resources.files("edgellm.devices") / "profiles" / "raspberry-pi-5-8gb.toml").read_text()
     override = override.replace('budget = "5.6 GiB"', 'budget = "4 GiB"')
-    _write(empty_user_dir, override, "raspberry-pi-5-8gb")
+    _write(user_devices_dir, override, "raspberry-pi-5-8gb")
     names = profile_names()
     assert "test-board" in names and REQUIRED <= set(names) and names == sorted(names)
     mine = load_profile("raspberry-pi-5-8gb")
     assert mine.budget_bytes == 4 * GiB != builtin.budget_bytes
-    assert mine.source == str(empty_user_dir / "raspberry-pi-5-8gb.toml")
+    assert mine.source == str(user_devices_dir / "raspberry-pi-5-8gb.toml")
     assert {p.name: p for p in list_profiles()}["raspberry-pi-5-8gb"] == mine
 
 
-def test_a_broken_user_profile_is_reported_by_list(empty_user_dir: Path) -> None:
-    path = _write(empty_user_dir, GOOD.replace("cores = 4", 'cores = "4"'))
+def test_a_broken_user_profile_is_reported_by_list(user_devices_dir: Path) -> None:
+    path = _write(user_devices_dir, GOOD.replace("cores = 4", 'cores = "4"'))
     with pytest.raises(DeviceProfileError) as info:
         list_profiles()
     _one_line(info.value, str(path), 'field cpu.cores = "4"')

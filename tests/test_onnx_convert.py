@@ -67,7 +67,7 @@ def test_int4_recipe_options(tiny_model, tmp_path: Path) -> None:
                           block_size=64, sym=True, accuracy_level=0, verify=False)
     assert _manifest(art.path)["recipe"] == {
         "quant": "int4", "method": onnx_conv.ONNX_QUANTS["int4"], "bits": 4, "block_size": 64,
-        "sym": True, "accuracy_level": 0}
+        "sym": True, "accuracy_level": 0, "embeddings": "int4 lm_head and embedding"}
     import onnx
 
     nodes = [n for n in onnx.load(str(art.model_file)).graph.node if n.op_type == "MatMulNBits"]
@@ -154,3 +154,24 @@ def test_cli_int4_flags_and_bad_block(tiny_model, tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.startswith("edgellm: error:") and "48" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
+
+
+def _transposed_weight_matmuls(graph) -> list[str]:
+    """MatMuls whose B input is a Transpose of a stored weight (a tied lm_head, as optimum writes it)."""
+    weights = {t.name for t in graph.initializer}
+    transposed = {n.output[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in transposed]
+
+
+def test_int4_quantizes_a_tied_lm_head_and_embedding(tiny_model, tmp_path: Path) -> None:
+    import onnx
+
+    fp32 = edgellm.convert(tiny_model("qwen3"), tmp_path / "f", format="onnx", verify=False)
+    assert _transposed_weight_matmuls(onnx.load(str(fp32.model_file)).graph) == ["/lm_head/MatMul"]
+    art = edgellm.convert(tiny_model("qwen3"), tmp_path / "q", format="onnx", quant="int4")
+    graph = onnx.load(str(art.model_file)).graph
+    assert _transposed_weight_matmuls(graph) == []
+    assert [n.op_type for n in graph.node].count("GatherBlockQuantized") == 1  # the embedding
+    ops = _manifest(art.path)["operators"]
+    assert ops["MatMulNBits"] == 7 * 2 + 1  # q, k, v, o, gate, up, down per layer + lm_head
+    assert _manifest(art.path)["parity"]["status"] == "measured"

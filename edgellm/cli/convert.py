@@ -25,7 +25,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     + EXAMPLES)
     p.add_argument("src", metavar="SRC", help="HF checkpoint folder or .gguf file")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
-    p.add_argument("--format", default="gguf", help="target format (default: gguf)")
+    p.add_argument("--format", help="target format (default: gguf, or the plan's with --device)")
+    p.add_argument("--device", metavar="PROFILE",
+                   help="plan for this device profile (or this-host): its format and quantization "
+                        "fill in --format/--quant when they are not given")
     p.add_argument("--quant", metavar="TYPE",
                    help="quantization type, e.g. f16, Q8_0, Q4_0 (default: the library's, f16)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -119,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
     bar = ProgressBar()
     try:
         artifact = edgellm.convert(
-            args.src, args.output, format=args.format, force=args.force,
+            args.src, args.output, format=args.format or (None if args.device else "gguf"),
+            device=args.device, force=args.force,
             allow_pickle=args.allow_pickle, verify_with=args.verify_with,
             prompts=read_prompts_file(args.prompts_file), progress=bar, **kwargs,
         )

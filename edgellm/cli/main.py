@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from edgellm import __version__
-from edgellm.cli import bench, chat, convert, devices, inspect, quickstart, run, verify
+from edgellm.cli import bench, chat, convert, devices, inspect, plan, quickstart, run, verify
 from edgellm.cli._common import GLOBAL_FLAGS
 from edgellm.errors import EdgeLLMError, InvalidInputError
 
@@ -38,6 +38,7 @@ COMMANDS: dict[str, ModuleType] = {
     "inspect": inspect,
     "bench": bench,
     "devices": devices,
+    "plan": plan,
 }
 
 #: Exception type -> exit code, most specific first.

@@ -16,6 +16,7 @@ OpenVINO, ONNX Runtime and llama.cpp only when they are installed and ``detect()
 from __future__ import annotations
 
 from edgellm.devices.detect import detect
+from edgellm.devices.planner import Plan, plan
 from edgellm.devices.profile import (
     CpuSpec,
     DeviceProfile,
@@ -33,10 +34,12 @@ __all__ = [
     "DeviceProfile",
     "GpuSpec",
     "NpuSpec",
+    "Plan",
     "detect",
     "list_profiles",
     "load_profile",
     "parse_memory",
+    "plan",
     "profile_names",
     "user_profiles_dir",
 ]
