@@ -114,8 +114,9 @@ def test_weight_bytes_from_parameters_and_bits_per_weight() -> None:
     assert weight_bytes(SMOLLM2, find_quant("openvino", "int4")) == int(
         ((SMOLLM2_PARAMS - table) * 4.3125 + table * 8.04) / 8)
     # ONNX int4: MatMulNBits at 5.125 bits, the embedding left in float32
+    # ONNX int4: the tied table is stored twice, both int4 (GatherBlockQuantized + lm_head)
     assert weight_bytes(SMOLLM2, find_quant("onnx", "int4")) == int(
-        ((SMOLLM2_PARAMS - table) * 5.125 + table * 32) / 8)
+        ((SMOLLM2_PARAMS - table) * 5.125 + 2 * table * 5.125) / 8)
     # an untied lm_head: GGUF at the same bits, OpenVINO int4 keeps it int8 like the embedding
     table7 = 32000 * 4096
     assert weight_bytes(LLAMA_7B, find_quant("openvino", "int4")) == int(

@@ -125,10 +125,12 @@ class Quant:
     """One quantization of one format: how many bits its weights take, and what it implies.
 
     ``layer_bits`` covers the transformer blocks; ``embed_bits`` the token embedding (and a tied
-    lm_head), ``head_bits`` an untied lm_head (None: as the layers). Rows of a format are in
-    preference order, most precise first; ``auto`` rows are the ladder the planner walks, the
-    others only serve as suggestions and to size artifacts. ``kv`` fixes the KV precision (an
-    ONNX graph's float type); ``npu`` marks the NPU recipe; ``float_bits`` float weights.
+    lm_head), ``head_bits`` an untied lm_head (None: as the layers); ``unties`` says a tied
+    lm_head is stored as a separate quantized copy (ONNX int4), so it costs ``head_bits`` too.
+    Rows of a format are in preference order, most precise first; ``auto`` rows are the ladder
+    the planner walks, the others only serve as suggestions and to size artifacts. ``kv`` fixes
+    the KV precision (an ONNX graph's float type); ``npu`` marks the NPU recipe; ``float_bits``
+    float weights.
     """
 
     format: str
@@ -136,6 +138,7 @@ class Quant:
     layer_bits: float
     embed_bits: float | None = None
     head_bits: float | None = None
+    unties: bool = False
     kv: str | None = None
     auto: bool = True
     npu: bool = False
@@ -151,6 +154,8 @@ class Quant:
 #: file, 85.7 predicted); the NPU recipe is channel-wise symmetric int4 (~4.03).
 #: ONNX, measured: fp32 32.1; MatMulNBits block 32 with float32 scales: int4 4 + 32/32 + 4/32 =
 #: 5.125, int8 8 + 1 + 8/32 = 9.25, the embedding kept float32 (182.6 MB file, 181.3 predicted).
+#: ONNX int4 since the converter unties the lm_head: embedding (GatherBlockQuantized) and lm_head
+#: both int4 at 5.125 (SmolLM2: 109.2 MB file).
 QUANTS: tuple[Quant, ...] = (
     Quant("gguf", "F32", 32, auto=False, float_bits=32),
     Quant("gguf", "F16", 16, float_bits=16),
@@ -172,7 +177,7 @@ QUANTS: tuple[Quant, ...] = (
     Quant("onnx", "fp32", 32, kv="f32", auto=False, float_bits=32),
     Quant("onnx", "fp16", 16, kv="f16", float_bits=16),
     Quant("onnx", "int8", 9.25, embed_bits=32, kv="f32"),
-    Quant("onnx", "int4", 5.125, embed_bits=32, kv="f32"),
+    Quant("onnx", "int4", 5.125, embed_bits=5.125, head_bits=5.125, unties=True, kv="f32"),
     Quant("onnx", "int8-dynamic", 8.0, embed_bits=32, kv="f32", auto=False),
 )
 
@@ -187,8 +192,9 @@ def weight_bytes(spec: ModelSpec, quant: Quant) -> int:
     table = spec.vocab_size * spec.hidden_size
     head = 0 if spec.tied_embeddings else table
     layers = spec.n_params() - table - head
+    stored_head = table if quant.unties else head
     bits = (layers * quant.layer_bits + table * (quant.embed_bits or quant.layer_bits)
-            + head * (quant.head_bits or quant.layer_bits))
+            + stored_head * (quant.head_bits or quant.layer_bits))
     return int(bits / 8)
 
 
@@ -197,7 +203,8 @@ def _layer_bytes(spec: ModelSpec, quant: Quant | None, total: int) -> int:
     if quant is None:
         return total
     table = spec.vocab_size * spec.hidden_size
-    head = 0 if spec.tied_embeddings else table * (quant.head_bits or quant.layer_bits) / 8
+    stored_head = table if quant.unties or not spec.tied_embeddings else 0
+    head = stored_head * (quant.head_bits or quant.layer_bits) / 8
     return max(0, int(total - table * (quant.embed_bits or quant.layer_bits) / 8 - head))
 
 
@@ -221,7 +228,8 @@ def _llama_compute(spec: ModelSpec, n_ctx: int) -> int:
 
 
 def _ort_weights(spec: ModelSpec, quant: Quant | None, file_bytes: int) -> int:
-    tied_copy = spec.vocab_size * spec.hidden_size * KV_BYTES[_ort_kv(quant)] if spec.tied_embeddings else 0
+    folded = spec.tied_embeddings and not (quant is not None and quant.unties)  # Transpose(embedding)
+    tied_copy = spec.vocab_size * spec.hidden_size * KV_BYTES[_ort_kv(quant)] if folded else 0
     return int(file_bytes + 0.62 * _layer_bytes(spec, quant, file_bytes) + tied_copy)
 
 
