@@ -84,7 +84,8 @@ def add_load_args(parser: argparse.ArgumentParser, model_help: str | None = None
         parser.add_argument("model", metavar="MODEL", help=model_help)
     parser.add_argument("--backend", help="backend name (default: the first installed one "
                                           "that reads the model's format)")
-    parser.add_argument("--device", default="cpu", help="cpu, gpu, npu or auto (default: cpu)")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, gpu, npu, or auto: what `edgellm plan` chooses for this host (default)")
     parser.add_argument("--n-ctx", type=positive_int, help="context size in tokens")
     parser.add_argument("--threads", type=positive_int,
                         help="CPU threads (default: physical cores)")
