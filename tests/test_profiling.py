@@ -14,7 +14,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from edgellm.errors import InvalidInputError, ModelNotFoundError
@@ -37,18 +36,34 @@ def fake_model(tmp_path: Path) -> Path:
 # -- MemorySampler ----------------------------------------------------------------------
 
 
+_SAMPLE_200_MB = """
+import json, time
+import numpy as np
+from edgellm.profiling import MemorySampler
+with MemorySampler(interval_ms=10) as mem:
+    block = np.ones(200 * 1000 * 1000 // 8, dtype=np.float64)  # ones, not empty: pages are touched
+    time.sleep(0.1)  # a few sampling intervals while the block is alive
+    del block
+    time.sleep(0.05)
+print(json.dumps({"peak": mem.peak_rss_bytes, "baseline": mem.baseline_rss_bytes,
+                  "rise": mem.peak_rise_bytes, "last": mem.timeline[-1][1],
+                  "os_peak": mem.os_peak_rss_bytes}))
+"""
+
+
 def test_sampler_sees_a_200_mb_allocation() -> None:
-    with MemorySampler(interval_ms=10) as mem:
-        block = np.ones(200 * MB // 8, dtype=np.float64)  # ones, not empty: pages are touched
-        time.sleep(0.1)  # a few sampling intervals while the block is alive
-        del block
-        time.sleep(0.05)
-    assert mem.peak_rss_bytes - mem.baseline_rss_bytes >= 150 * MB
-    assert mem.peak_rise_bytes == mem.peak_rss_bytes - mem.baseline_rss_bytes
+    # A fresh process: in a long test session an allocator (OpenVINO loads TBB's) may hand the
+    # block out of memory that is already resident, and no sampler could see it arrive.
+    proc = subprocess.run([sys.executable, "-c", _SAMPLE_200_MB], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    mem = json.loads(proc.stdout)
+    assert mem["peak"] - mem["baseline"] >= 150 * MB
+    assert mem["rise"] == mem["peak"] - mem["baseline"]
     # the block was freed before the end, so the last sample is well below the peak
-    assert mem.timeline[-1][1] < mem.peak_rss_bytes - 100 * MB
+    assert mem["last"] < mem["peak"] - 100 * MB
     # the OS high-water mark can only be at or above what was sampled (page rounding aside)
-    assert mem.os_peak_rss_bytes is None or mem.os_peak_rss_bytes >= mem.peak_rss_bytes - MiB
+    assert mem["os_peak"] is None or mem["os_peak"] >= mem["peak"] - MiB
 
 
 def test_sampler_timeline_shape() -> None:
