@@ -16,7 +16,6 @@ Run: ``python benchmarks/bench_gguf.py [--repeats 5] [--tokens 128]``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -69,11 +68,9 @@ def bench_raw(path: Path, tokens: int, threads: int, n_ctx: int) -> dict[str, fl
 
 def _child(kind: str, path: str, tokens: int, threads: int, n_ctx: int) -> dict[str, float]:
     """Each measurement in a fresh process: no warm caches or allocator state carried over."""
-    code = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); "
-            f"from benchmarks.bench_gguf import bench_{kind}; from pathlib import Path; "
-            f"print(json.dumps(bench_{kind}(Path({path!r}), {tokens}, {threads}, {n_ctx})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from benchmarks.common import run_in_child
+
+    return run_in_child("bench_gguf", f"bench_{kind}", Path(path), tokens, threads, n_ctx)
 
 
 def bench_decode(path: Path, repeats: int, tokens: int, threads: int, n_ctx: int) -> dict[str, object]:

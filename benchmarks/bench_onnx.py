@@ -15,11 +15,9 @@ Run: ``python benchmarks/bench_onnx.py [--repeats 5] [--tokens 128]``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -68,16 +66,12 @@ def bench_optimum(path: Path, tokens: int) -> dict[str, float]:
 
 
 def _child(kind: str, path: Path, tokens: int) -> dict[str, float]:
+    from benchmarks.common import run_in_child, run_json
+
     if kind == "genai":
-        cmd = [str(GENAI_PYTHON), str(ROOT / "benchmarks" / "ort_genai_peer.py"), str(path),
-               "--prompt", PROMPT, "--tokens", str(tokens), "--threads", str(THREADS)]
-    else:
-        code = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); "
-                f"from benchmarks.bench_onnx import bench_{kind}; from pathlib import Path; "
-                f"print(json.dumps(bench_{kind}(Path({str(path)!r}), {tokens})))")
-        cmd = [sys.executable, "-c", code]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        return run_json([str(GENAI_PYTHON), str(ROOT / "benchmarks" / "ort_genai_peer.py"), str(path),
+                         "--prompt", PROMPT, "--tokens", str(tokens), "--threads", str(THREADS)])
+    return run_in_child("bench_onnx", f"bench_{kind}", path, tokens)
 
 
 def _genai_note() -> str | None:

@@ -19,7 +19,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -80,11 +79,9 @@ def bench_genai(path: Path, tokens: int, cache_dir: str) -> dict[str, float]:
 
 
 def _child(kind: str, path: Path, tokens: int, cache_dir: str) -> dict[str, float]:
-    code = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); "
-            f"from benchmarks.bench_openvino import bench_{kind}; from pathlib import Path; "
-            f"print(json.dumps(bench_{kind}(Path({str(path)!r}), {tokens}, {cache_dir!r})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from benchmarks.common import run_in_child
+
+    return run_in_child("bench_openvino", f"bench_{kind}", path, tokens, cache_dir)
 
 
 def _genai_available(manifest: dict) -> str | None:

@@ -2,8 +2,29 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_json(cmd: list[str]) -> dict[str, float]:
+    """Run ``cmd`` in a fresh process; its last stdout line is a JSON object of measurements."""
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_in_child(module: str, func: str, path: Path, *args: Any) -> dict[str, float]:
+    """``benchmarks.<module>.<func>(Path(path), *args)`` in a fresh Python process (clean RSS,
+    cold imports), returning the dict it prints."""
+    call = ", ".join([f"Path({str(path)!r})", *map(repr, args)])
+    code = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); from pathlib import Path; "
+            f"from benchmarks.{module} import {func}; print(json.dumps({func}({call})))")
+    return run_json([sys.executable, "-c", code])
 
 
 def time_hf_generate(model: Any, ids: Any, tokens: int) -> tuple[float, float]:

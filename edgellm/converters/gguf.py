@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from edgellm.artifact import Artifact, Format, find_artifact, write_manifest
+from edgellm.artifact import Artifact, Format
 from edgellm.converters import ProgressFn
 from edgellm.converters.gguf_arch import GGUF_RULES, ArchRules, add_common_hparams, permute_qk
 from edgellm.converters.provenance import source_fingerprint, tool_versions
@@ -327,7 +327,4 @@ def convert_to_gguf(
         ref = reference or (src if src.is_dir() else None)
         manifest["parity"] = (check_after_convert(model_file, ref, quant, prompts) if verify
                               else {"status": "skipped", "reason": "conversion run with verify off"})
-        manifest["convert_seconds"] = round(time.perf_counter() - started, 2)
-        write_manifest(stage.path, manifest)
-        final = stage.commit()
-    return find_artifact(final)
+        return stage.commit_artifact(manifest, started)

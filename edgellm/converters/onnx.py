@@ -38,14 +38,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edgellm.artifact import Artifact, Format, find_artifact, write_manifest
+from edgellm.artifact import Artifact, Format
 from edgellm.converters import ProgressFn
 from edgellm.converters.provenance import tool_versions
+from edgellm.converters.source import copy_runtime_files
 from edgellm.converters.staging import Staging
 from edgellm.errors import (
     ConversionError,
     InvalidInputError,
-    InvalidModelError,
     MissingDependencyError,
     UnknownQuantizationError,
 )
@@ -74,8 +74,6 @@ ONNX_QUANTS: dict[str, str] = {
 NBITS = {"int4": 4, "int8": 8}
 #: operators quantized per bit width: GatherBlockQuantized (the embedding) is 4-bit only.
 _NBITS_OPS = {4: ("MatMul", "Gather"), 8: ("MatMul",)}
-_COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-           "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
 
 
 @dataclass(frozen=True)
@@ -151,7 +149,8 @@ def _export(hf_dir: Path, dest: Path) -> Path:
 
 
 def _graph_bytes(model: Any) -> int:
-    return sum(t.ByteSize() for t in model.graph.initializer) + model.graph.ByteSize() // 8
+    """Bytes of the weights held inside the graph (the nodes themselves are a few MB)."""
+    return sum(t.ByteSize() for t in model.graph.initializer)
 
 
 def _save(model: Any, path: Path) -> list[str]:
@@ -310,14 +309,7 @@ def convert_to_onnx(
             progress(2, len(steps), "onnx.checker")
         model_path = stage.path / MODEL_FILE
         _check(model_path)
-        copied = [n for n in _COPIED if (hf_dir / n).is_file()]
-        for name in copied:
-            shutil.copy2(hf_dir / name, stage.path / name)
-        if "config.json" not in copied or "tokenizer.json" not in copied:
-            raise InvalidModelError(
-                f"{hf_dir}: config.json and tokenizer.json are needed beside the ONNX model; "
-                "save a fast tokenizer into the checkpoint folder"
-            )
+        copied = copy_runtime_files(hf_dir, stage.path, "ONNX Runtime")
         if progress:
             progress(3, len(steps), "done")
         parity = source.parity(model_path, reference, recipe.quant, prompts, verify, fmt="onnx")
@@ -328,14 +320,8 @@ def convert_to_onnx(
             "quantization": recipe.quant,
             "recipe": recipe.to_dict(),
             "operators": _count_ops(model_path),
-            "architecture": source.spec.architecture,
-            "spec": source.spec.to_dict(),
-            "source": source.manifest_entry(),
+            **source.manifest_common(),
             "tool": tool_versions("onnxruntime", "onnx", "optimum-onnx", "torch", "transformers"),
-            "size_bytes": sum(p.stat().st_size for p in stage.path.iterdir() if p.is_file()),
             "parity": parity,
-            "convert_seconds": round(time.perf_counter() - started, 2),
         }
-        write_manifest(stage.path, manifest)
-        final = stage.commit()
-    return find_artifact(final)
+        return stage.commit_artifact(manifest, started)

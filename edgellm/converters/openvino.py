@@ -26,14 +26,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edgellm.artifact import Artifact, Format, find_artifact, write_manifest
+from edgellm.artifact import Artifact, Format
 from edgellm.converters import ProgressFn
+from edgellm.converters.from_gguf import PROBE_TEXTS
 from edgellm.converters.provenance import tool_versions
+from edgellm.converters.source import copy_runtime_files
 from edgellm.converters.staging import Staging
 from edgellm.errors import (
     ConversionError,
     InvalidInputError,
-    InvalidModelError,
     MissingDependencyError,
     ModelNotFoundError,
     UnknownQuantizationError,
@@ -46,8 +47,6 @@ __all__ = ["OV_QUANTS", "Calibration", "WeightRecipe", "choose_group_size", "con
            "read_calibration", "recipe_for"]
 
 MODEL_XML = "openvino_model.xml"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "chat_template.jinja", "tokenizer.model")
 #: quantization name -> (bits, default symmetric). fp32/fp16 keep float weights.
 OV_QUANTS: dict[str, tuple[int | None, bool]] = {
     "fp32": (None, False), "fp16": (None, False), "int8": (8, False), "int4": (4, False),
@@ -263,9 +262,7 @@ def write_ov_tokenizers(src: Path, dest: Path) -> dict[str, Any]:
 
 
 def _probe_texts() -> tuple[str, ...]:
-    from edgellm.converters.from_gguf import PROBE_TEXTS
-
-    return tuple(t for t in PROBE_TEXTS if t)
+    return tuple(t for t in PROBE_TEXTS if t)  # an empty string is not a tokenizer input here
 
 
 def _check_ov_tokenizers(core: Any, dest: Path, hf: Any) -> str | None:
@@ -284,20 +281,6 @@ def _check_ov_tokenizers(core: Any, dest: Path, hf: Any) -> str | None:
         if decoded != expected:
             return f"detokenizer model gives {decoded[:40]!r} for {expected[:40]!r}"
     return None
-
-
-def _copy_tokenizer(src: Path, dest: Path) -> list[str]:
-    if not (src / "tokenizer.json").is_file():
-        raise InvalidModelError(
-            f"{src}: no tokenizer.json; the OpenVINO runtime reads tokenizer.json with the "
-            "tokenizers library — save a fast tokenizer into the checkpoint folder"
-        )
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dest / name)
-            copied.append(name)
-    return copied
 
 
 def _npu_shapes(spec: ModelSpec, npu: bool, max_prompt_len: int | None,
@@ -360,7 +343,7 @@ def convert_to_openvino(
         if progress:
             progress(0, 1, f"export {recipe.quant}")
         _export(hf_dir, stage.path, recipe, calib)
-        tokenizer_files = _copy_tokenizer(hf_dir, stage.path)
+        tokenizer_files = copy_runtime_files(hf_dir, stage.path, "OpenVINO")
         ov_tokenizers = write_ov_tokenizers(hf_dir, stage.path)
         if progress:
             progress(1, 1, f"export {recipe.quant}")
@@ -374,15 +357,9 @@ def convert_to_openvino(
             "quantization": recipe.quant,
             "weight_compression": recipe.to_dict(),
             **({"npu": npu_shapes} if npu_shapes else {}),
-            "architecture": source.spec.architecture,
+            **source.manifest_common(),
             **({"caveats": [caveat]} if caveat else {}),
-            "spec": source.spec.to_dict(),
-            "source": source.manifest_entry(),
             "tool": tool_versions("openvino", "optimum-intel", "nncf", "transformers"),
-            "size_bytes": sum(p.stat().st_size for p in stage.path.iterdir() if p.is_file()),
             "parity": parity,
-            "convert_seconds": round(time.perf_counter() - started, 2),
         }
-        write_manifest(stage.path, manifest)
-        final = stage.commit()
-    return find_artifact(final)
+        return stage.commit_artifact(manifest, started)

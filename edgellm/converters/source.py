@@ -19,9 +19,30 @@ from edgellm.converters.provenance import source_fingerprint
 from edgellm.errors import InvalidModelError, ModelNotFoundError
 from edgellm.spec import ModelSpec
 
-__all__ = ["Source", "open_source"]
+__all__ = ["RUNTIME_FILES", "Source", "copy_runtime_files", "open_source"]
 
 _DEQUANTIZED = ".source-hf"
+#: Files the OpenVINO and ONNX runtimes read beside the model (tokenizer.json is required).
+RUNTIME_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
+
+
+def copy_runtime_files(hf_dir: Path, dest: Path, runtime: str) -> list[str]:
+    """Copy :data:`RUNTIME_FILES` that ``hf_dir`` has into ``dest``; return their names.
+
+    The runtimes read config.json and tokenizer.json (with the ``tokenizers`` library, no
+    transformers): a checkpoint without them is refused, naming the fix.
+    """
+    missing = [n for n in ("config.json", "tokenizer.json") if not (hf_dir / n).is_file()]
+    if missing:
+        raise InvalidModelError(
+            f"{hf_dir}: no {' or '.join(missing)}; the {runtime} runtime reads them beside the model "
+            "— save the config and a fast tokenizer into the checkpoint folder"
+        )
+    copied = [n for n in RUNTIME_FILES if (hf_dir / n).is_file()]
+    for name in copied:
+        shutil.copy2(hf_dir / name, dest / name)
+    return copied
 
 
 @dataclass
@@ -67,8 +88,8 @@ class Source:
 
         if not verify:
             return {"status": "skipped", "reason": "conversion run with verify off"}
-        parity = check_after_convert(model_file, reference or self.hf_dir(model_file.parent),
-                                     quant.upper(), prompts, fmt=fmt)
+        checkpoint = self._hf if self.kind == "gguf" else self.path  # hf_dir() ran before export
+        parity = check_after_convert(model_file, reference or checkpoint, quant.upper(), prompts, fmt=fmt)
         if reference is None and self.dequantized is not None and "reference" in parity:
             parity["reference"] = f"{self.path} dequantized by {self.dequantized['by']}"
         return parity
@@ -79,6 +100,11 @@ class Source:
         if self.dequantized is not None:
             entry["dequantized"] = self.dequantized
         return entry
+
+    def manifest_common(self) -> dict[str, Any]:
+        """The manifest keys every traced export shares: architecture, spec and source."""
+        return {"architecture": self.spec.architecture, "spec": self.spec.to_dict(),
+                "source": self.manifest_entry()}
 
 
 def open_source(src: Path, allow_pickle: bool = False) -> Source:

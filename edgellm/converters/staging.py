@@ -11,9 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
+from edgellm.artifact import Artifact, find_artifact, write_manifest
 from edgellm.errors import InvalidInputError, OutputExistsError
 
 logger = logging.getLogger(__name__)
@@ -76,6 +79,17 @@ class Staging:
             os.replace(self.path, self.output)
         self._committed = True
         return self.output
+
+    def commit_artifact(self, manifest: dict[str, Any], started: float) -> Artifact:
+        """Finish ``manifest`` (folder size unless given, conversion time), write it, commit.
+
+        Every converter ends this way: the manifest is written last, inside the staging
+        folder, so a folder at the final name always has one.
+        """
+        manifest.setdefault("size_bytes", sum(p.stat().st_size for p in self.path.iterdir() if p.is_file()))
+        manifest["convert_seconds"] = round(time.perf_counter() - started, 2)
+        write_manifest(self.path, manifest)
+        return find_artifact(self.commit())
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
