@@ -43,6 +43,7 @@ from edgellm.devices.detect import (
 )
 from edgellm.devices.profile import ISA_NAMES, profile_from_dict
 from edgellm.errors import DeviceProfileError, InvalidInputError, UnknownDeviceError
+from tests.fixtures import top_modules_after
 
 GiB = 2**30
 MiB = 2**20
@@ -57,10 +58,8 @@ REQUIRED = {
 HEAVY = ("torch", "transformers", "llama_cpp", "openvino", "onnxruntime")
 
 
-@pytest.fixture(autouse=True)
-def _own_user_devices_dir(user_devices_dir: Path) -> Path:
-    """Every test gets its own empty user profile folder (conftest.user_devices_dir)."""
-    return user_devices_dir
+# every test gets its own empty user profile folder (conftest.user_devices_dir)
+pytestmark = pytest.mark.usefixtures("user_devices_dir")
 
 
 def _one_line(exc: BaseException, *needles: str) -> str:
@@ -454,12 +453,9 @@ def test_detect_this_machine() -> None:
 
 
 def test_import_devices_is_light() -> None:
-    code = ("import sys, edgellm, edgellm.devices as d\n"
-            "d.list_profiles(); d.load_profile('jetson-orin-nano-8gb')\n"
-            f"print([m for m in {HEAVY!r} if m in sys.modules])")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"
+    loaded = top_modules_after("import edgellm, edgellm.devices as d\n"
+                               "d.list_profiles(); d.load_profile('jetson-orin-nano-8gb')")
+    assert not loaded & set(HEAVY), loaded & set(HEAVY)
 
 
 # -- CLI ------------------------------------------------------------------------------------------

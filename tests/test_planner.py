@@ -54,10 +54,8 @@ LLAMA_IMPORT = int(13.4 * MiB)
 LLAMA_VOCAB_BYTES = 572  # per vocabulary entry
 
 
-@pytest.fixture(autouse=True)
-def _own_user_devices_dir(user_devices_dir: Path) -> Path:
-    """Every test gets its own empty user profile folder (conftest.user_devices_dir)."""
-    return user_devices_dir
+# every test gets its own empty user profile folder (conftest.user_devices_dir)
+pytestmark = pytest.mark.usefixtures("user_devices_dir")
 
 
 def _box(budget_bytes: int, backends: tuple[tuple[str, str], ...] = (("llamacpp", "cpu"),),
