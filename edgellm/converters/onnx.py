@@ -11,13 +11,16 @@ in :data:`ONNX_QUANTS`:
 * fp16: ``onnxruntime.transformers.float16`` — weights, activations and KV in float16;
 * int4 and int8: weight-only ``MatMulNBits`` (block 32/64/128, symmetric or not, and the
   ``accuracy_level`` of the kernel: 4 quantizes activations per block to int8, the fast CPU
-  path). On SmolLM2-135M int8 keeps 98% top-1 agreement with transformers. int4 also
+  path). On SmolLM2-135M int8 keeps >= 90% top-1 agreement with transformers
+  (tests/test_onnx_smollm2.py; 98% in a hand run). int4 also
   quantizes the lm_head and the embedding table (``GatherBlockQuantized``), which optimum
   leaves in float when they are tied;
 * int8-dynamic: ``quantize_dynamic`` (MatMulInteger with int8 activations quantized *per
-  tensor* at run time). Measured on SmolLM2: 66% top-1 agreement — one activation outlier
-  sets the scale for the whole tensor — and 0% with per-channel weights, which ONNX Runtime
-  1.32 gets wrong for MatMul; so per-tensor it is, for runtimes without MatMulNBits.
+  tensor* at run time). In hand runs on SmolLM2 (the manifest's parity of
+  ``edgellm convert ... --quant int8-dynamic`` shows it): 66% top-1 agreement — one
+  activation outlier sets the scale for the whole tensor — and 0% with per-channel
+  weights, which ONNX Runtime 1.32 gets wrong for MatMul; so per-tensor it is, for
+  runtimes without MatMulNBits.
 
 Weights go to an external-data file (``model.onnx.data``) when the graph would pass
 protobuf's 2 GiB limit; the result is validated with ``onnx.checker`` (by path, so external
@@ -212,7 +215,7 @@ def _quantize_quietly(exported: Path, out: Path, recipe: OnnxRecipe) -> list[str
             leftover.unlink()
     elif recipe.bits is not None:
         nbits = _import("onnxruntime.quantization.matmul_nbits_quantizer")
-        if recipe.bits == 4:  # measured on SmolLM2: 178 -> 104 MiB, 14.6 -> 13.1 ms/token,
+        if recipe.bits == 4:  # SmolLM2 by hand: 178 -> 104 MiB, 14.6 -> 13.1 ms/token,
             _untie_transposed_weights(model)  # top-1 0.731 -> 0.669; int8 gained nothing
         quantizer = nbits.MatMulNBitsQuantizer(model, bits=recipe.bits, block_size=recipe.block_size,
                                                is_symmetric=recipe.sym,
