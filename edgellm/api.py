@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from edgellm.artifact import Format, find_artifact
 from edgellm.converters import ProgressFn
 from edgellm.errors import InvalidInputError, UnsupportedFormatError
-from edgellm.runtimes.base import RuntimeOptions, open_runtime
+from edgellm.runtimes.base import RuntimeOptions, open_engine
 
 if TYPE_CHECKING:
     from edgellm.artifact import Artifact
@@ -40,6 +40,11 @@ def load(
     n_ctx: int | None = None,
     threads: int | None = None,
     seed: int | None = None,
+    *,
+    kv_budget: int | str | None = None,
+    kv_precision: str | None = None,
+    kv_overflow: str = "error",
+    kv_sinks: int = 4,
     **backend_options: Any,
 ) -> Model:
     """Load a converted model (folder with ``edgellm.json``, or a bare ``.gguf`` file).
@@ -47,20 +52,30 @@ def load(
     ``device="auto"`` (the default) plans the model against this host
     (:func:`edgellm.devices.plan` on :func:`~edgellm.devices.planner.host_profile`, which asks
     only the runtimes that read this format): the backend and device the plan chooses are
-    opened, with the plan's context when ``n_ctx`` is not given and its KV precision when
-    ``kv_type`` / ``kv_cache_precision`` is not given. When nothing fits the host's memory,
+    opened, with the plan's context when neither ``n_ctx`` nor ``kv_budget`` is given and its
+    KV precision when ``kv_precision`` is not given. When nothing fits the host's memory,
     :class:`~edgellm.errors.NoCompatibleRuntimeError` carries every reason; there is no
     silent fallback. An explicit device ("cpu", "gpu", "npu") is opened as asked, unplanned.
 
+    The KV cache: ``n_ctx`` is a session's size in tokens; ``kv_budget`` (bytes, or
+    ``"96MiB"``, ``"1.5GB"``) caps the KV bytes of every session of the model together (a
+    session gets the whole budget when ``n_ctx`` is not given); ``kv_precision`` is one of
+    the backend's (llama.cpp f16/q8_0/q4_0/f32, OpenVINO f16/u8/f32, ONNX Runtime the graph's
+    f32 or f16); ``kv_overflow`` is "error", "sliding" (keep ``kv_sinks`` first tokens and the
+    newest) or "truncate" (drop the oldest chat turns). ``backend_options`` are the backend's
+    own (see ``edgellm.runtimes.base``); an unknown one is refused with the valid names.
+
     ``backend`` names a registered backend ("llamacpp", ...); by default the plan's (or, with
     an explicit device, the first installed backend that reads the artifact's format).
-    ``n_ctx`` defaults to the model's trained context capped at 4096 tokens; ``threads`` to
-    the physical cores; ``seed`` makes the session's sampling reproducible (None: random).
+    ``threads`` defaults to the physical cores; ``seed`` makes sampling reproducible.
     """
+    from edgellm.kvcache import OverflowPolicy, parse_bytes
     from edgellm.model import Model
 
     _check_positive("n_ctx", n_ctx)
     _check_positive("threads", threads)
+    budget = None if kv_budget is None else parse_bytes(kv_budget)
+    OverflowPolicy.parse(kv_overflow, kv_sinks)  # checked before anything is loaded
     artifact = find_artifact(path)
     if artifact.format is Format.HF:
         raise UnsupportedFormatError(
@@ -69,29 +84,32 @@ def load(
         )
     extra = dict(backend_options)
     if device == "auto":
-        backend, device, n_ctx, extra = _plan_here(artifact, backend, n_ctx, extra)
-    options = RuntimeOptions(n_ctx=n_ctx, threads=threads, device=device, seed=seed or 0, extra=extra)
-    runtime = open_runtime(artifact.model_file, artifact.format.value, options, backend)
+        backend, device, n_ctx, kv_precision = _plan_here(artifact, backend, n_ctx, budget, kv_precision)
+    options = RuntimeOptions(n_ctx=n_ctx, threads=threads, device=device, seed=seed or 0,
+                             kv_precision=kv_precision, kv_budget_bytes=budget, extra=extra)
+    engine = open_engine(artifact.model_file, artifact.format.value, options, backend)
     try:
-        return Model(runtime, manifest=artifact.manifest, seed=seed)
+        return Model(engine, manifest=artifact.manifest, seed=seed, n_ctx=n_ctx, kv_budget=budget,
+                     kv_overflow=kv_overflow, kv_sinks=kv_sinks)
     except BaseException:
-        runtime.close()
+        engine.close()
         raise
 
 
-def _plan_here(artifact: Artifact, backend: str | None, n_ctx: int | None, extra: dict[str, Any]
-               ) -> tuple[str | None, str, int | None, dict[str, Any]]:
+def _plan_here(artifact: Artifact, backend: str | None, n_ctx: int | None, budget: int | None,
+               kv_precision: str | None) -> tuple[str | None, str, int | None, str | None]:
     """``device="auto"``: the plan's backend, device, context and KV precision on this host."""
     from edgellm.devices.planner import PLANNED_FORMATS, host_profile, plan
     from edgellm.runtimes.base import get_backend
 
     fmt = artifact.format.value
     if fmt not in PLANNED_FORMATS or (backend is not None and not get_backend(backend).installed()):
-        return backend, "auto", n_ctx, extra  # the test double, or a missing extra named as before
-    chosen = plan(artifact.path, host_profile([fmt]), n_ctx,
-                  backends=None if backend is None else [backend]).choice
+        return backend, "auto", n_ctx, kv_precision  # the test double, or a missing extra named as before
+    chosen = plan(artifact.path, host_profile([fmt]), n_ctx, backends=None if backend is None else [backend],
+                  kv_budget=budget, kv_precision=kv_precision).choice
     assert chosen is not None  # plan() raises when nothing fits
-    return chosen.backend, chosen.device, n_ctx or chosen.context, {**chosen.runtime_options, **extra}
+    context = n_ctx if n_ctx is not None or budget is not None else chosen.context
+    return chosen.backend, chosen.device, context, kv_precision or chosen.kv_precision
 
 
 def _plan_conversion(src: str | os.PathLike[str], device: str, format: str | None, quant: str | None,

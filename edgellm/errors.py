@@ -16,7 +16,9 @@ caller passed also derive from :class:`ValueError`, a missing optional dependenc
     │   ├── UnknownDeviceError                    device name not known
     │   ├── DeviceProfileError                    a device profile (TOML) is malformed
     │   ├── OutputExistsError                     output exists and --force was not given
-    │   └── ContextOverflowError                  prompt + generation exceed the context
+    │   ├── ContextOverflowError                  prompt + generation exceed the context
+    │   ├── KVBudgetError                         a session's KV cache does not fit the budget
+    │   └── SessionStateError                     a saved session is damaged or for another model
     ├── MissingDependencyError (ImportError)      an optional extra is not installed
     ├── NoCompatibleRuntimeError                  no backend can run this artifact here
     ├── ConversionError                           a converter step failed
@@ -42,6 +44,8 @@ __all__ = [
     "DeviceProfileError",
     "OutputExistsError",
     "ContextOverflowError",
+    "KVBudgetError",
+    "SessionStateError",
     "MissingDependencyError",
     "NoCompatibleRuntimeError",
     "ConversionError",
@@ -105,6 +109,14 @@ class OutputExistsError(InvalidInputError, FileExistsError):
 
 class ContextOverflowError(InvalidInputError):
     """The prompt and requested tokens do not fit in the model's context."""
+
+
+class KVBudgetError(InvalidInputError):
+    """A session's KV cache does not fit in what is left of the model's ``kv_budget``."""
+
+
+class SessionStateError(InvalidInputError):
+    """A saved session file is damaged, truncated, or was saved from another model or backend."""
 
 
 class MissingDependencyError(EdgeLLMError, ImportError):

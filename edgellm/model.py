@@ -1,28 +1,35 @@
 """The public model object returned by :func:`edgellm.load`.
 
-A :class:`Model` wraps one :class:`~edgellm.runtimes.base.Runtime` and runs the shared
-decode loop (:mod:`edgellm.runtimes.loop`) over it, so ``generate``, ``stream`` and
-``chat`` behave identically on llama.cpp, OpenVINO, ONNX Runtime and the fake backend.
+A :class:`Model` holds one :class:`~edgellm.runtimes.base.Engine` (the weights, loaded
+once) and the :class:`~edgellm.session.Session` objects open on it, each with its own KV
+cache reserved against the model's ``kv_budget``. ``model.generate`` / ``stream`` / ``chat``
+run on a default session opened at first use; ``model.session()`` opens more. The shared
+decode loop (:mod:`edgellm.runtimes.loop`) runs every session, so behaviour is identical on
+llama.cpp, OpenVINO, ONNX Runtime and the fake backend.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Literal, overload
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgellm.errors import InvalidInputError
-from edgellm.runtimes.loop import Decoder, Generation, Result
-from edgellm.runtimes.sampling import SamplingParams
+from edgellm.errors import InvalidInputError, SessionStateError
+from edgellm.kvcache import KVBudget, OverflowPolicy, format_bytes, parse_bytes
+from edgellm.kvcache.policy import DEFAULT_SINKS
+from edgellm.runtimes.loop import Result
+from edgellm.session import Conversation, Session
 from edgellm.text.chat import DEFAULT_CHATML, render_chat
 
 if TYPE_CHECKING:
+    import os
+    from collections.abc import Sequence
     from types import TracebackType
 
-    from edgellm.runtimes.base import Runtime
+    from edgellm.runtimes.base import Engine
     from edgellm.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -35,123 +42,143 @@ __all__ = ["Model"]
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 
 
-class Model:
-    """A loaded language model: generate, stream and chat over one runtime.
+class Model(Conversation):
+    """A loaded language model: generate, stream and chat, on as many sessions as fit.
 
     ``manifest`` is the artifact manifest (``edgellm.json``) when the model came from one.
-    Calls from several threads are safe: runtime calls are serialised, and each
-    generation re-synchronises the KV state if another one ran in between. After a
-    ``stream()`` or ``chat(stream=True)`` is exhausted or closed, its :class:`Result` is
-    in ``last_result``.
+    ``n_ctx`` is the size of a session's KV cache in tokens; ``kv_budget`` (bytes, or a size
+    such as ``"96MiB"``) caps the KV bytes of every session together, and without ``n_ctx``
+    a session gets the whole budget. ``kv_overflow`` and ``kv_sinks`` choose what happens
+    when a cache is full (:class:`~edgellm.kvcache.OverflowPolicy`). Calls from several
+    threads are safe. After a ``stream()`` or ``chat(stream=True)`` on the default session is
+    exhausted or closed, its :class:`Result` is in ``last_result``.
     """
 
-    def __init__(self, runtime: Runtime, manifest: dict[str, Any] | None = None,
-                 seed: int | None = None) -> None:
-        self.runtime = runtime
+    def __init__(self, engine: Engine, manifest: dict[str, Any] | None = None, seed: int | None = None,
+                 *, n_ctx: int | None = None, kv_budget: int | str | None = None,
+                 kv_overflow: str = "error", kv_sinks: int = DEFAULT_SINKS) -> None:
+        self.engine = engine
         # Calls without their own seed draw one from this stream: load(seed=N) makes a
-        # session's samples reproducible, as llama.cpp's context seed does.
+        # model's samples reproducible, as llama.cpp's context seed does.
         self._seeds = np.random.default_rng(seed)
         self.manifest: dict[str, Any] = dict(manifest or {})
-        self.last_result: Result | None = None
-        self._decoder = Decoder(runtime)
+        self.policy = OverflowPolicy.parse(kv_overflow, kv_sinks)
+        self.budget = KVBudget(None if kv_budget is None else parse_bytes(kv_budget))
+        self.n_ctx = self._session_ctx(n_ctx)
+        self._sessions: list[Session] = []
+        self._default: Session | None = None
+        self._lock = threading.RLock()
         self._closed = False
         self._end_of_turn: dict[str, frozenset[int]] = {}
 
     @property
     def tokenizer(self) -> Tokenizer:
-        """The runtime's tokenizer."""
-        return self.runtime.tokenizer
+        """The engine's tokenizer."""
+        return self.engine.tokenizer
 
-    # -- generation ---------------------------------------------------------------------
+    @property
+    def last_result(self) -> Result | None:
+        """The default session's last finished generation."""
+        return self._default.last_result if self._default is not None else None
 
-    def generate(
-        self,
-        prompt: str | Sequence[int],
-        max_tokens: int = 256,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        repeat_penalty: float = 1.0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        ignore_eos: bool = False,
-    ) -> Result:
-        """Complete ``prompt`` (text, or token ids used as they are) and return the Result.
+    # -- sessions -----------------------------------------------------------------------
 
-        ``temperature <= 0`` decodes greedily. Generation ends at EOS, after ``max_tokens``
-        (clamped to the room left in the context) or before the first stop string, which
-        is not included in the text. ``ignore_eos`` keeps decoding past end-of-sequence
-        tokens (benchmarks that need a fixed number of tokens).
+    def session(self, n_ctx: int | None = None, kv_overflow: str | None = None,
+                kv_sinks: int | None = None) -> Session:
+        """Open another conversation on the same weights, with its own KV cache.
+
+        ``n_ctx`` defaults to the model's; the overflow policy to the model's. The cache is
+        reserved against ``kv_budget``: when it does not fit, :class:`~edgellm.errors.KVBudgetError`
+        says how much is free.
         """
-        t0 = time.perf_counter()
-        ids = self._prompt_ids(prompt)
-        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=self._seed(seed))
-        eos = frozenset() if ignore_eos else None
-        return self._finish(self._start(ids, params, max_tokens, stop, t0, eos_ids=eos))
+        self._check_open()
+        if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 2):
+            raise InvalidInputError(f"n_ctx must be an integer >= 2, got {n_ctx!r}")
+        policy = OverflowPolicy.parse(kv_overflow or self.policy.kind,
+                                      self.policy.sinks if kv_sinks is None else kv_sinks)
+        size = n_ctx or self.n_ctx
+        policy.check_capacity(size)
+        bpt = self.engine.kv_bytes_per_token()
+        with self._lock:
+            key = object()  # this session's entry in the budget
+            self.budget.reserve(key, size * bpt, f"a session of {size} tokens")
+            try:
+                backend = self.engine.open_session(size)
+                session = Session(self, backend, policy, self._capacity_note(size, bpt), key)
+            except BaseException:
+                self.budget.release(key)
+                raise
+            self._sessions.append(session)
+        return session
 
-    def stream(
-        self,
-        prompt: str | Sequence[int],
-        max_tokens: int = 256,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        repeat_penalty: float = 1.0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-    ) -> Iterator[str]:
-        """Like :meth:`generate`, yielding text pieces as they are decoded.
+    @property
+    def sessions(self) -> list[Session]:
+        """The sessions open now (the default one included once used)."""
+        with self._lock:
+            return list(self._sessions)
 
-        Arguments are checked now, not at the first piece. Pieces are always whole
-        characters and never contain (the start of) a matched stop string.
+    def restore(self, path: str | os.PathLike[str], n_ctx: int | None = None) -> Session:
+        """A new session holding the KV cache saved by ``session.save(path)``.
+
+        The file must come from this model's weights, backend and KV precision; a damaged
+        file or another model's is refused with :class:`~edgellm.errors.SessionStateError`.
+        The next call on the session reuses the restored tokens as a prefix.
         """
-        t0 = time.perf_counter()
-        ids = self._prompt_ids(prompt)
-        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=self._seed(seed))
-        return self._follow(self._start(ids, params, max_tokens, stop, t0))
+        from edgellm.kvcache.statefile import check_header, read_state
 
-    @overload
-    def chat(self, messages: Sequence[dict[str, Any]], max_tokens: int = ..., temperature: float = ...,
-             top_k: int = ..., top_p: float = ..., min_p: float = ..., repeat_penalty: float = ...,
-             seed: int | None = ..., stop: str | Sequence[str] | None = ..., *,
-             stream: Literal[False] = ..., tools: Sequence[dict[str, Any]] | None = ...) -> Result: ...
+        p = Path(path)
+        header, payload = read_state(p)
+        check_header(p, header, self._identity())
+        tokens = header["tokens"]
+        session = self.session(n_ctx or max(self.n_ctx, int(header.get("n_ctx") or 0)) or None)
+        if len(tokens) > session.n_ctx:
+            session.close()
+            raise SessionStateError(f"{p} holds {len(tokens)} tokens, more than a session of "
+                                    f"{session.n_ctx}; restore it with n_ctx >= {len(tokens)}")
+        try:
+            with session._decoder.lock:
+                session._backend.load_state(payload, len(tokens))
+            session._decoder.adopt(tokens)
+        except BaseException:
+            session.close()
+            raise
+        return session
 
-    @overload
-    def chat(self, messages: Sequence[dict[str, Any]], max_tokens: int = ..., temperature: float = ...,
-             top_k: int = ..., top_p: float = ..., min_p: float = ..., repeat_penalty: float = ...,
-             seed: int | None = ..., stop: str | Sequence[str] | None = ..., *,
-             stream: Literal[True], tools: Sequence[dict[str, Any]] | None = ...) -> Iterator[str]: ...
+    def state_header(self, session: Session, ids: list[int]) -> dict[str, Any]:
+        """What a saved session records besides the cache bytes (see ``Session.save``)."""
+        return {**self._identity(), "n_ctx": session.n_ctx, "tokens": ids,
+                "model": self.manifest.get("name")}
 
-    def chat(
-        self,
-        messages: Sequence[dict[str, Any]],
-        max_tokens: int = 256,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        repeat_penalty: float = 1.0,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        *,
-        stream: bool = False,
-        tools: Sequence[dict[str, Any]] | None = None,
-    ) -> Result | Iterator[str]:
-        """Answer a conversation: ``[{"role": "user", "content": "Hi"}, ...]``.
+    def _identity(self) -> dict[str, Any]:
+        return {"fingerprint": self.engine.fingerprint(), "backend": self.engine.backend,
+                "kv_precision": self.engine.kv_precision}
 
-        The tokenizer's chat template (ChatML when the model has none) renders the
-        messages with an assistant prompt; BOS is added only if the template did not
-        already write it. The reply also ends at the template's end-of-turn token.
-        With ``stream=True`` an iterator of text pieces is returned instead of a Result.
+    # -- memory -------------------------------------------------------------------------
+
+    def memory(self) -> dict[str, Any]:
+        """Bytes held now, by part, under the planner's keys.
+
+        ``weights`` and ``compute`` come from the engine (measured where the backend
+        reports them, None where it does not), ``kv`` is what every open session's cache
+        holds (asked from the backend), ``kv_reserved`` what the sessions reserved of
+        ``kv_budget``, ``rss`` this process's resident memory and ``other`` the rest of it
+        (runtime, tokenizer, Python).
         """
-        t0 = time.perf_counter()
-        ids, template = self._chat_ids(messages, tools)
-        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=self._seed(seed))
-        eos = self.tokenizer.eos_ids | self._end_of_turn_ids(template)
-        gen = self._start(ids, params, max_tokens, stop, t0, eos_ids=eos)
-        return self._follow(gen) if stream else self._finish(gen)
+        from edgellm.profiling.memory import current_rss_bytes
+
+        parts: dict[str, Any] = dict(self.engine.memory())
+        with self._lock:
+            caches = [s.cache for s in self._sessions]
+        parts["kv"] = sum(c.held_bytes() for c in caches)
+        parts["kv_reserved"] = self.budget.reserved_bytes
+        parts["kv_budget"] = self.budget.total_bytes
+        parts["sessions"] = len(caches)
+        parts["rss"] = current_rss_bytes()
+        known = sum(v for k, v in parts.items() if k in ("weights", "compute", "kv") and v)
+        parts["other"] = parts["rss"] - known
+        return parts
+
+    # -- text ---------------------------------------------------------------------------
 
     def render_chat(
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
@@ -179,27 +206,37 @@ class Model:
     # -- lifecycle ----------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        """Runtime facts (backend, context, vocabulary, ...) plus manifest basics."""
-        info = dict(self.runtime.info())
-        info.setdefault("backend", self.runtime.backend)
-        info.setdefault("n_ctx", self.runtime.n_ctx)
-        info.setdefault("n_vocab", self.runtime.n_vocab)
+        """Engine facts (backend, device, ...), the session size and policy, manifest basics."""
+        info = dict(self.engine.info())
+        info.setdefault("backend", self.engine.backend)
+        info["n_ctx"] = self.n_ctx
+        info.setdefault("n_vocab", self.engine.n_vocab)
+        info["kv_precision"] = self.engine.kv_precision
+        info["kv_bytes_per_token"] = self.engine.kv_bytes_per_token()
+        info["kv_budget"] = self.budget.total_bytes
+        info["kv_overflow"] = self.policy.kind.value
+        info["kv_sinks"] = self.policy.sinks
         for key in ("name", "format", "quantization", "architecture", "source"):
             if key in self.manifest:
                 info.setdefault(key, self.manifest[key])
         return info
 
     def reset(self) -> None:
-        """Forget the KV state (the next call evaluates its whole prompt)."""
+        """Forget the default session's KV cache (the next call evaluates its whole prompt)."""
         self._check_open()
-        self._decoder.reset()
+        if self._default is not None:
+            self._default.reset()
 
     def close(self) -> None:
-        """Release the runtime; calling it twice is harmless."""
-        with self._decoder.lock:
-            if not self._closed:
-                self._closed = True
-                self.runtime.close()
+        """Close every session, then release the engine; calling it twice is harmless."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            sessions = list(self._sessions)
+        for s in sessions:
+            s.close()
+        self.engine.close()
 
     def __enter__(self) -> Model:  # noqa: PYI034 (Self needs Python 3.11)
         return self
@@ -214,11 +251,53 @@ class Model:
         named = f"name={name!r}, " if name else ""
         state = ", closed" if self._closed else ""
         return (
-            f"Model({named}backend={self.runtime.backend!r}, n_ctx={self.runtime.n_ctx}, "
-            f"n_vocab={self.runtime.n_vocab}{state})"
+            f"Model({named}backend={self.engine.backend!r}, n_ctx={self.n_ctx}, "
+            f"n_vocab={self.engine.n_vocab}, sessions={len(self._sessions)}{state})"
         )
 
     # -- internals ----------------------------------------------------------------------
+
+    def _conversation(self) -> Session:
+        with self._lock:
+            self._check_open()
+            if self._default is None or self._default.closed:
+                self._default = self.session()
+            return self._default
+
+    def _forget(self, session: Session) -> None:
+        with self._lock:
+            self.budget.release(session.budget_key)
+            if session in self._sessions:
+                self._sessions.remove(session)
+            if self._default is session:
+                self._default = None
+
+    def _session_ctx(self, n_ctx: int | None) -> int:
+        """Tokens per session: ``n_ctx``, else what ``kv_budget`` holds, else the engine's default."""
+        eng, total = self.engine, self.budget.total_bytes
+        bpt = eng.kv_bytes_per_token()
+        if n_ctx is not None:
+            if total is not None and n_ctx * bpt > total:
+                raise InvalidInputError(
+                    f"n_ctx {n_ctx} needs {format_bytes(n_ctx * bpt)} of KV cache at {eng.kv_precision} "
+                    f"({bpt} B/token) but kv_budget is {format_bytes(total)}; lower n_ctx to "
+                    f"{total // bpt} or raise kv_budget"
+                )
+            return n_ctx
+        if total is None:
+            return eng.default_ctx
+        tokens = total // bpt
+        if tokens < 2:
+            raise InvalidInputError(
+                f"kv_budget {format_bytes(total)} holds {tokens} token(s) of KV cache at "
+                f"{eng.kv_precision} ({bpt} B/token); give at least {format_bytes(2 * bpt)}"
+            )
+        return min(tokens, eng.max_ctx)
+
+    def _capacity_note(self, size: int, bpt: int) -> str:
+        total = self.budget.total_bytes
+        budget = f", kv_budget {format_bytes(total)}" if total is not None else ""
+        return f"{format_bytes(size * bpt)} at {self.engine.kv_precision}{budget}"
 
     def _seed(self, seed: int | None) -> int:
         return int(self._seeds.integers(2**63)) if seed is None else seed
@@ -226,31 +305,6 @@ class Model:
     def _check_open(self) -> None:
         if self._closed:
             raise InvalidInputError("this model is closed; load it again with edgellm.load()")
-
-    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special=True)
-        if isinstance(prompt, (bytes, bytearray)) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
-        ):
-            raise InvalidInputError(
-                f"prompt must be a str or a sequence of int token ids, not {type(prompt).__name__}"
-            )
-        return list(prompt)
-
-    def _chat_ids(
-        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None
-    ) -> tuple[list[int], str]:
-        tok = self.tokenizer
-        template = tok.chat_template or DEFAULT_CHATML
-        text = render_chat(
-            template, messages, bos_token=tok.bos_token, eos_token=tok.eos_token,
-            add_generation_prompt=True, tools=tools,
-        )
-        # Templates such as Llama's write BOS themselves; adding another would double it.
-        bos = tok.bos_token
-        has_bos = bos is not None and bos != "" and text.startswith(bos)
-        return tok.encode(text, add_special=not has_bos), template
 
     def _end_of_turn_ids(self, template: str) -> frozenset[int]:
         cached = self._end_of_turn.get(template)
@@ -263,25 +317,3 @@ class Model:
                         found.add(ids[0])
             cached = self._end_of_turn[template] = frozenset(found)
         return cached
-
-    def _start(
-        self, ids: list[int], params: SamplingParams, max_tokens: int,
-        stop: str | Sequence[str] | None, t0: float, eos_ids: frozenset[int] | None = None,
-    ) -> Generation:
-        self._check_open()
-        stops = () if stop is None else stop
-        return self._decoder.run(ids, params, max_tokens, stops, eos_ids=eos_ids, started_at=t0)
-
-    def _finish(self, gen: Generation) -> Result:
-        gen.text()
-        assert gen.result is not None
-        self.last_result = gen.result
-        return gen.result
-
-    def _follow(self, gen: Generation) -> Iterator[str]:
-        try:
-            yield from gen
-        finally:
-            gen.close()
-            if gen.result is not None:
-                self.last_result = gen.result

@@ -12,7 +12,8 @@ import pytest
 
 import edgellm
 from edgellm import errors
-from edgellm.runtimes.base import Runtime, RuntimeOptions, open_runtime
+from edgellm.runtimes.base import BackendSession, Engine, RuntimeOptions, open_runtime
+from tests.fixtures import session_checks
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def model(smollm2_gguf: Path):
 def test_runtime_protocol_and_info(smollm2_gguf: Path) -> None:
     rt = open_runtime(smollm2_gguf, "gguf", RuntimeOptions(n_ctx=128))
     try:
-        assert isinstance(rt, Runtime)
+        assert isinstance(rt.engine, Engine) and isinstance(rt.session, BackendSession)
         assert rt.n_vocab == 49152 and rt.spec.n_layers == 30 and rt.spec.n_kv_heads == 3
         assert rt.spec.tied_embeddings  # SmolLM2's GGUF has no output.weight
         info = rt.info()
@@ -83,7 +84,7 @@ def test_devices(smollm2_gguf: Path) -> None:
 
 def test_context_overflow_is_one_clear_error(smollm2_gguf: Path) -> None:
     with edgellm.load(smollm2_gguf, n_ctx=32) as m:
-        with pytest.raises(errors.ContextOverflowError, match="context of 32"):
+        with pytest.raises(errors.ContextOverflowError, match="holds 32 tokens"):
             m.generate("word " * 100, max_tokens=4)
         r = m.generate("Hi", max_tokens=1000, temperature=0, ignore_eos=True)
         assert r.finish_reason == "length" and r.prompt_tokens + r.completion_tokens <= 32
@@ -101,3 +102,51 @@ def test_verify_cli_records_parity(smollm2_gguf: Path, smollm2_hf: Path, tmp_pat
     assert 0.8 <= report["top1_agreement"] <= 1.0 and report["mean_kl"] >= 0
     manifest = json.loads((out / "edgellm.json").read_text())
     assert manifest["parity"]["top1_agreement"] == report["top1_agreement"]
+
+
+# -- sessions and the KV cache (the checks every backend runs) ---------------------------
+
+
+def _llama_loader(gguf: Path):  # type: ignore[no-untyped-def]
+    def load(**kw: object):  # type: ignore[no-untyped-def]
+        return edgellm.load(gguf, device="cpu", threads=2, **kw)
+    return load
+
+
+def test_sessions_from_threads_match_alone(smollm2_gguf: Path) -> None:
+    session_checks.check_threads_match_alone(_llama_loader(smollm2_gguf))
+
+
+def test_sliding_shifts_the_cache(smollm2_gguf: Path) -> None:
+    assert session_checks.check_sliding(_llama_loader(smollm2_gguf))["shift"]  # llama.cpp shifts K
+
+
+def test_save_restore(smollm2_gguf: Path, tmp_path: Path) -> None:
+    session_checks.check_save_restore(_llama_loader(smollm2_gguf), tmp_path)
+
+
+def test_trim_equals_recompute(smollm2_gguf: Path) -> None:
+    session_checks.check_trim_equals_recompute(_llama_loader(smollm2_gguf))
+
+
+def test_sessions_share_one_context_per_size(smollm2_gguf: Path) -> None:
+    bpt = 23040  # SmolLM2: 2 x 30 layers x 3 KV heads x 64 x f16
+    with edgellm.load(smollm2_gguf, device="cpu", n_ctx=256, kv_budget=4 * 256 * bpt) as m:
+        sessions = [m.session() for _ in range(4)]
+        pools = m.engine.info()["pools"]
+        assert [(p["streams"], p["cells"], p["free"]) for p in pools] == [(4, 256, 0)]
+        assert pools[0]["buffers"]["kv"] == 4 * 256 * bpt  # llama.cpp's own report
+        with pytest.raises(errors.KVBudgetError):
+            m.session()
+        mem = m.memory()
+        assert mem["weights"] > 80 * 2**20 and mem["compute"] > 0 and mem["kv_reserved"] == 4 * 256 * bpt
+        for s in sessions:
+            s.close()
+        assert m.engine.info()["pools"] == []  # the context is freed with its last session
+    with pytest.raises(errors.InvalidInputError, match="kv_precision 'u8' is not supported"):
+        edgellm.load(smollm2_gguf, device="cpu", kv_precision="u8")
+    with pytest.raises(errors.InvalidInputError, match="did you mean 'kv_precision'"):
+        edgellm.load(smollm2_gguf, device="cpu", kv_type="q8_0")
+    with edgellm.load(smollm2_gguf, device="cpu", n_ctx=64, kv_precision="q4_0") as m:
+        assert m.generate("Hello", max_tokens=4, temperature=0).completion_tokens == 4
+        assert m.info()["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 18 // 32

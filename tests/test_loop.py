@@ -10,23 +10,40 @@ import pytest
 
 from edgellm.errors import ContextOverflowError, InvalidInputError
 from edgellm.model import Model
-from edgellm.runtimes.base import Runtime, RuntimeOptions, open_runtime
-from edgellm.runtimes.fake import DEFAULT_SCRIPT, FakeRuntime
+from edgellm.runtimes.base import BackendSession, Engine, RuntimeOptions, open_engine
+from edgellm.runtimes.fake import DEFAULT_SCRIPT, FakeEngine
 from edgellm.text.tokenizer import Tokenizer
 
 GREEDY = {"temperature": 0.0}
 BOS = 256
 
 
-def make(script: str | None = None, **kw: object) -> tuple[Model, FakeRuntime]:
-    rt = FakeRuntime(script, **kw)  # type: ignore[arg-type]
-    return Model(rt), rt
+class Probe:
+    """The fake engine's counters and the model's default session, as one object for asserts."""
+
+    def __init__(self, model: Model) -> None:
+        self.model, self.engine = model, model.engine
+
+    @property
+    def session(self):  # type: ignore[no-untyped-def]
+        return self.model._conversation()._backend
+
+    def __getattr__(self, name: str) -> object:
+        if name in ("evaluated_tokens", "forward_calls", "last_forward"):
+            return getattr(self.engine, name)
+        return getattr(self.session, name)  # state, n_past, n_ctx, forward, reset
+
+
+def make(script: str | None = None, **kw: object) -> tuple[Model, Probe]:
+    model = Model(FakeEngine(script, **kw))  # type: ignore[arg-type]
+    return model, Probe(model)
 
 
 def test_fake_implements_the_protocols() -> None:
-    rt = FakeRuntime()
-    assert isinstance(rt, Runtime)
-    assert isinstance(rt.tokenizer, Tokenizer)
+    engine = FakeEngine()
+    assert isinstance(engine, Engine)
+    assert isinstance(engine.open_session(8), BackendSession)
+    assert isinstance(engine.tokenizer, Tokenizer)
 
 
 def test_generate_reproduces_script() -> None:
@@ -129,7 +146,8 @@ def test_prompt_that_fills_the_context_raises() -> None:
     with pytest.raises(ContextOverflowError) as info:
         model.generate("x" * 15, max_tokens=5)  # BOS + 15 = 16 tokens
     message = str(info.value)
-    assert "16 tokens" in message and "context of 16" in message and "n_ctx" in message
+    assert "16 tokens" in message and "holds 16 tokens" in message and "n_ctx" in message
+    assert "kv_overflow" in message
 
 
 def test_generation_stops_when_the_context_is_full() -> None:
@@ -245,7 +263,7 @@ def test_bad_prompt_ids() -> None:
 
 
 def test_close_and_context_manager() -> None:
-    with Model(FakeRuntime("x")) as model:
+    with Model(FakeEngine("x")) as model:
         assert "backend='fake'" in repr(model)
         assert model.info()["backend"] == "fake"
     assert "closed" in repr(model)
@@ -264,7 +282,7 @@ def test_tokenize_detokenize() -> None:
 
 
 def test_info_includes_manifest_basics() -> None:
-    model = Model(FakeRuntime(), manifest={"name": "tiny", "format": "fake", "other": 1})
+    model = Model(FakeEngine(), manifest={"name": "tiny", "format": "fake", "other": 1})
     info = model.info()
     assert (info["name"], info["format"], info["n_ctx"]) == ("tiny", "fake", 2048)
     assert "other" not in info
@@ -273,11 +291,11 @@ def test_info_includes_manifest_basics() -> None:
 def test_registry_opens_the_fake(tmp_path: Path) -> None:
     path = tmp_path / "model.json"
     path.write_text(json.dumps({"script": "from file"}))
-    rt = open_runtime(path, "fake", RuntimeOptions(n_ctx=64), backend="fake")
-    assert rt.n_ctx == 64
-    assert Model(rt).generate("q", **GREEDY).text == "from file"
-    rt2 = open_runtime(tmp_path / "none", "fake", RuntimeOptions(extra={"script": "extra"}), backend="fake")
-    assert Model(rt2).generate("q", **GREEDY).text == "extra"
+    engine = open_engine(path, "fake", RuntimeOptions(n_ctx=64), backend="fake")
+    assert engine.default_ctx == 64
+    assert Model(engine).generate("q", **GREEDY).text == "from file"
+    other = open_engine(tmp_path / "none", "fake", RuntimeOptions(extra={"script": "extra"}), backend="fake")
+    assert Model(other).generate("q", **GREEDY).text == "extra"
 
 
 def test_stop_string_spelling_a_special_token() -> None:
@@ -288,10 +306,10 @@ def test_stop_string_spelling_a_special_token() -> None:
 
 def test_model_seed_makes_a_session_reproducible() -> None:
     from edgellm.model import Model
-    from edgellm.runtimes.fake import FakeRuntime
+    from edgellm.runtimes.fake import FakeEngine
 
     def session(seed: int) -> list[str]:
-        model = Model(FakeRuntime(), seed=seed)
+        model = Model(FakeEngine(), seed=seed)
         return [model.generate("hi", max_tokens=8, temperature=5.0, top_k=0, top_p=1.0, min_p=0.0).text
                 for _ in range(3)]
 
@@ -303,9 +321,9 @@ def test_model_seed_makes_a_session_reproducible() -> None:
 
 def test_ignore_eos_decodes_past_the_end_of_the_script() -> None:
     from edgellm.model import Model
-    from edgellm.runtimes.fake import FakeRuntime
+    from edgellm.runtimes.fake import FakeEngine
 
-    model = Model(FakeRuntime(script="ab"))
+    model = Model(FakeEngine(script="ab"))
     stopped = model.generate("x", max_tokens=10, temperature=0)
     assert stopped.finish_reason == "eos" and stopped.completion_tokens == 2
     forced = model.generate("x", max_tokens=10, temperature=0, ignore_eos=True)

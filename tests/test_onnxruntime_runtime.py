@@ -30,8 +30,15 @@ import pytest
 
 import edgellm
 from edgellm import errors
-from edgellm.runtimes.base import Runtime, RuntimeOptions, get_backend, select_backend
-from tests.fixtures import require, tiny_models, top_modules_after
+from edgellm.runtimes.base import (
+    BackendSession,
+    Engine,
+    OneSession,
+    RuntimeOptions,
+    get_backend,
+    select_backend,
+)
+from tests.fixtures import require, session_checks, tiny_models, top_modules_after
 
 require("onnxruntime", "onnx", "optimum.exporters.onnx")
 
@@ -80,16 +87,17 @@ def llama_external(onnx_dir, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _open(folder: Path, **kw: object) -> ortrt.ORTRuntime:
+def _open(folder: Path, **kw: object) -> OneSession:
     extra = kw.pop("extra", {})
-    return ortrt.open(folder / "model.onnx", RuntimeOptions(threads=2, extra=extra, **kw))  # type: ignore[arg-type]
+    options = RuntimeOptions(threads=2, extra=extra, **kw)  # type: ignore[arg-type]
+    return OneSession(ortrt.open(folder / "model.onnx", options))
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
 
 
-def _step_logits(rt: ortrt.ORTRuntime, ids: list[int], first: int = 4) -> np.ndarray:
+def _step_logits(rt: OneSession, ids: list[int], first: int = 4) -> np.ndarray:
     """Last-token logits after ``ids[:first]``, then after each further single token."""
     return np.stack([rt.forward(ids[:first])] + [rt.forward([t]) for t in ids[first:]])
 
@@ -169,10 +177,10 @@ def test_trim_relays_kept_prefix_and_reset_empties(onnx_dir) -> None:
 def test_kv_buffers_are_fixed_and_bound_in_place(onnx_dir) -> None:
     rt = _open(onnx_dir("llama"), n_ctx=512)
     try:
-        addresses = [[a.ctypes.data for a in bank] for bank in rt._kv]
-        kv_bytes = rt._kv[0][0].nbytes  # one K (or V) buffer: 2 heads * 512 * 16 * 4 = 64 KiB
+        addresses = [[a.ctypes.data for a in bank] for bank in rt.session._kv]
+        kv_bytes = rt.session._kv[0][0].nbytes  # one K (or V) buffer: 2 heads * 512 * 16 * 4 = 64 KiB
         assert kv_bytes == 2 * 512 * 16 * 4
-        ours = {a.ctypes.data for bank in rt._kv for a in bank}
+        ours = {a.ctypes.data for bank in rt.session._kv for a in bank}
         rt.forward(list(range(1, 200)))
         for _ in range(3):
             rt.forward([5])
@@ -184,21 +192,22 @@ def test_kv_buffers_are_fixed_and_bound_in_place(onnx_dir) -> None:
                 rt.forward([5])
                 # ORT wrote present into our buffers (the bank now holding the past), logits
                 # into ours: it allocated no output of its own.
-                out_ptrs = {v.data_ptr() for v in rt._binding.get_outputs()}
-                assert out_ptrs == {*(a.ctypes.data for a in rt._kv[rt._bank]), rt._logits.ctypes.data}
+                sess = rt.session
+                out_ptrs = {v.data_ptr() for v in sess._binding.get_outputs()}
+                assert out_ptrs == {*(a.ctypes.data for a in sess._kv[sess._bank]), sess._logits.ctypes.data}
             decode_peak = tracemalloc.get_traced_memory()[1] - base
             # The instrument sees a KV-sized numpy allocation (what a copying cache would do).
             tracemalloc.reset_peak()
             base = tracemalloc.get_traced_memory()[0]
-            copy = rt._kv[0][0].copy()
+            copy = rt.session._kv[0][0].copy()
             copy_peak = tracemalloc.get_traced_memory()[1] - base
             del copy
         finally:
             tracemalloc.stop()
         assert copy_peak >= kv_bytes
         assert decode_peak < kv_bytes / 4, f"20 decode steps allocated {decode_peak} bytes"
-        assert [[a.ctypes.data for a in bank] for bank in rt._kv] == addresses
-        assert ours == {p for bank in rt._kv_ptrs for p in bank}
+        assert [[a.ctypes.data for a in bank] for bank in rt.session._kv] == addresses
+        assert ours == {p for bank in rt.session._kv_ptrs for p in bank}
         assert rt.n_past == 199 + 23
     finally:
         rt.close()
@@ -207,19 +216,19 @@ def test_kv_buffers_are_fixed_and_bound_in_place(onnx_dir) -> None:
 def test_protocol_info_and_context_limit(onnx_dir) -> None:
     rt = _open(onnx_dir("llama"), n_ctx=8)
     try:
-        assert isinstance(rt, Runtime)
+        assert isinstance(rt.engine, Engine) and isinstance(rt.session, BackendSession)
         info = rt.info()
         assert info["backend"] == "onnxruntime" and info["device"] == "cpu"
         assert info["providers"] == [CPU] and info["threads"] == 2
-        assert info["n_ctx"] == 8 and info["n_batch"] == 8 and info["kv_dtype"] == "float32"
-        assert info["kv_buffer_bytes"] == 2 * 2 * 2 * (2 * 8 * 16) * 4  # banks * layers * K,V
+        assert info["n_ctx"] == 8 and rt.session.n_batch == 8 and info["kv_precision"] == "f32"
+        assert rt.cache.capacity_bytes == 2 * 2 * 2 * (2 * 8 * 16) * 4  # banks * layers * K,V
         assert info["model_file"].endswith("model.onnx") and info["external_data"] == []
         assert info["onnxruntime_version"] == ortrt.ort.__version__
         assert rt.n_vocab == rt.spec.vocab_size
         with pytest.raises(errors.ContextOverflowError):
             rt.forward(PROMPT_IDS)
         rt.forward(PROMPT_IDS[:7])
-        with pytest.raises(errors.ContextOverflowError, match="7 tokens in context"):
+        with pytest.raises(errors.ContextOverflowError, match="7 tokens in the cache"):
             rt.forward(PROMPT_IDS[:2])
         assert rt.n_past == 7  # a refused forward leaves the cache as it was
         with pytest.raises(ValueError):
@@ -230,13 +239,13 @@ def test_protocol_info_and_context_limit(onnx_dir) -> None:
         rt.close()
     with pytest.raises(errors.InvalidInputError, match="closed"):
         rt.forward([1])
-    assert rt.info()["providers"] == [] and rt.info()["kv_buffer_bytes"] == 0
+    assert rt.info()["providers"] == [] and rt.cache.held_bytes() == 0
 
 
 def test_float16_model_reads_kv_type_from_graph(llama_f16: Path, tiny_model) -> None:
     rt = _open(llama_f16)
     try:
-        assert rt.info()["kv_dtype"] == "float16" and rt._kv[0][0].dtype == np.float16
+        assert rt.info()["kv_precision"] == "f16" and rt.session._kv[0][0].dtype == np.float16
         full = rt.forward(PROMPT_IDS, all_logits=True)
         assert full.dtype == np.float32
         ref = tiny_models.reference_logits(tiny_model("llama"), PROMPT_IDS)
@@ -261,7 +270,7 @@ def test_external_data_loads_and_matches(llama_external: Path, onnx_dir) -> None
     assert found == expected and len(found) == len(model.graph.initializer)
     with edgellm.load(llama_external, backend="onnxruntime", threads=2) as m:
         assert m.info()["external_data"] == [onnx_export.DATA_FILE]
-        got = m.runtime.forward(PROMPT_IDS, all_logits=True)
+        got = m.session()._backend.forward(PROMPT_IDS, all_logits=True)
     single = _open(onnx_dir("llama"))
     try:
         assert _max_diff(got, single.forward(PROMPT_IDS, all_logits=True)) <= 1e-6
@@ -601,3 +610,35 @@ def test_every_onnxruntime_exception_is_mapped(tmp_path: Path) -> None:
         assert isinstance(err, (errors.InvalidModelError, errors.BackendError))
         assert str(err).startswith(f"{tmp_path / 'model.onnx'}: ONNX Runtime failed to run the model "
                                    "(line one line two); ")
+
+
+# --- sessions and the KV cache (the checks every backend runs) ----------------------------
+
+
+def _ort_loader(folder: Path):  # type: ignore[no-untyped-def]
+    def load(**kw: object):  # type: ignore[no-untyped-def]
+        return edgellm.load(folder, backend="onnxruntime", device="cpu", threads=2, **kw)
+    return load
+
+
+def test_sessions_from_threads_match_alone(onnx_dir) -> None:
+    session_checks.check_threads_match_alone(_ort_loader(onnx_dir("llama")))
+
+
+def test_sliding_re_prefills(onnx_dir) -> None:
+    assert not session_checks.check_sliding(_ort_loader(onnx_dir("llama")))["shift"]
+
+
+def test_save_restore(onnx_dir, tmp_path: Path) -> None:
+    session_checks.check_save_restore(_ort_loader(onnx_dir("llama")), tmp_path)
+
+
+def test_trim_equals_recompute(onnx_dir) -> None:
+    session_checks.check_trim_equals_recompute(_ort_loader(onnx_dir("llama")))
+
+
+def test_kv_precision_must_match_the_graph(onnx_dir, llama_f16: Path) -> None:
+    with pytest.raises(errors.InvalidInputError, match="KV cache is f32.*kv_precision 'f16'"):
+        edgellm.load(onnx_dir("llama"), backend="onnxruntime", device="cpu", kv_precision="fp16")
+    with edgellm.load(llama_f16, backend="onnxruntime", device="cpu", kv_precision="f16", n_ctx=32) as m:
+        assert m.info()["kv_bytes_per_token"] == 2 * 2 * 2 * 2 * 16 * 2  # banks, K/V, layers, heads, dim, f16

@@ -30,8 +30,8 @@ import pytest
 
 import edgellm
 from edgellm import errors
-from edgellm.runtimes.base import Runtime, RuntimeOptions, get_backend
-from tests.fixtures import require, tiny_models, top_modules_after
+from edgellm.runtimes.base import BackendSession, Engine, OneSession, RuntimeOptions, get_backend
+from tests.fixtures import require, session_checks, tiny_models, top_modules_after
 
 require("openvino", "optimum.intel")
 
@@ -84,9 +84,10 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("ov-cache")
 
 
-def _open(folder: Path, cache_dir: Path, **extra: object) -> ovrt.OpenVINORuntime:
+def _open(folder: Path, cache_dir: Path, kv_precision: str | None = None, **extra: object) -> OneSession:
     extra = {"precision": "f32", "cache_dir": str(cache_dir), **extra}
-    return ovrt.open(folder / "openvino_model.xml", RuntimeOptions(threads=2, extra=extra))
+    options = RuntimeOptions(threads=2, kv_precision=kv_precision, extra=extra)
+    return OneSession(ovrt.open(folder / "openvino_model.xml", options))
 
 
 def _sdpa_reference(hf_dir: Path, ids: list[int]) -> np.ndarray:
@@ -104,7 +105,7 @@ def _sdpa_reference(hf_dir: Path, ids: list[int]) -> np.ndarray:
 
 @pytest.mark.parametrize("arch", tiny_models.ARCHITECTURE_NAMES)
 def test_all_logits_match_pytorch(arch: str, ov_export, tiny_model, cache_dir: Path) -> None:
-    rt = _open(ov_export(arch), cache_dir, kv_cache_precision="f32")
+    rt = _open(ov_export(arch), cache_dir, kv_precision="f32")
     try:
         got = rt.forward(PROMPT_IDS, all_logits=True)
         assert got.dtype == np.float32 and got.shape == (len(PROMPT_IDS), rt.n_vocab)
@@ -120,7 +121,7 @@ def test_all_logits_match_pytorch(arch: str, ov_export, tiny_model, cache_dir: P
 @pytest.mark.parametrize("arch", sorted(_EXPORT_DRIFT))
 @pytest.mark.xfail(strict=True, reason="optimum-intel export drift (see module docstring)")
 def test_export_matches_eager_reference(arch: str, ov_export, tiny_model, cache_dir: Path) -> None:
-    rt = _open(ov_export(arch), cache_dir, kv_cache_precision="f32")
+    rt = _open(ov_export(arch), cache_dir, kv_precision="f32")
     try:
         got = rt.forward(PROMPT_IDS, all_logits=True)
         ref = tiny_models.reference_logits(tiny_model(arch), PROMPT_IDS)
@@ -133,7 +134,7 @@ def test_export_matches_eager_reference(arch: str, ov_export, tiny_model, cache_
 @pytest.mark.parametrize(("kv", "tol"), [("f32", F32_TOL), ("f16", F16_KV_TOL)])
 def test_step_decode_matches_full_sequence(arch: str, kv: str, tol: float, ov_export,
                                            cache_dir: Path) -> None:
-    rt = _open(ov_export(arch), cache_dir, kv_cache_precision=kv)
+    rt = _open(ov_export(arch), cache_dir, kv_precision=kv)
     try:
         full = rt.forward(PROMPT_IDS, all_logits=True)
         rt.reset()
@@ -148,7 +149,7 @@ def test_step_decode_matches_full_sequence(arch: str, kv: str, tol: float, ov_ex
 
 
 def test_trim_refeeds_kept_prefix(ov_export, cache_dir: Path) -> None:
-    rt = _open(ov_export("qwen3"), cache_dir, kv_cache_precision="f32")
+    rt = _open(ov_export("qwen3"), cache_dir, kv_precision="f32")
     try:
         full = rt.forward(PROMPT_IDS, all_logits=True)
         rt.trim(5)
@@ -164,15 +165,15 @@ def test_trim_refeeds_kept_prefix(ov_export, cache_dir: Path) -> None:
 
 
 def test_protocol_info_and_context_limit(ov_export, cache_dir: Path) -> None:
-    rt = ovrt.open(ov_export("llama") / "openvino_model.xml",
-                   RuntimeOptions(n_ctx=8, extra={"cache_dir": str(cache_dir)}))
+    rt = OneSession(ovrt.open(ov_export("llama") / "openvino_model.xml",
+                              RuntimeOptions(n_ctx=8, extra={"cache_dir": str(cache_dir)})))
     try:
-        assert isinstance(rt, Runtime)
+        assert isinstance(rt.engine, Engine) and isinstance(rt.session, BackendSession)
         info = rt.info()
         assert info["backend"] == "openvino" and info["device"] == "cpu"
         assert info["ov_device"] == "CPU" and info["execution_devices"] == ["CPU"]
         assert info["n_ctx"] == 8 and info["threads"] >= 1
-        assert info["kv_cache_precision"] == "f16"  # the default
+        assert info["kv_precision"] == "f16"  # the default
         assert info["inference_precision"] == "device default"
         assert info["cache_dir"] == str(cache_dir)
         assert rt.n_vocab == rt.spec.vocab_size
@@ -191,11 +192,11 @@ def test_protocol_info_and_context_limit(ov_export, cache_dir: Path) -> None:
 def test_load_generate_is_greedy_argmax(arch: str, ov_export, cache_dir: Path) -> None:
     folder = ov_export(arch)
     with edgellm.load(folder, backend="openvino", threads=2, precision="f32",
-                      kv_cache_precision="f32", cache_dir=str(cache_dir)) as model:
+                      kv_precision="f32", cache_dir=str(cache_dir)) as model:
         assert model.info()["backend"] == "openvino"
         result = model.generate(PROMPT_IDS[:6], max_tokens=6, temperature=0, ignore_eos=True)
         assert len(result.tokens) == 6
-    rt = _open(folder, cache_dir, kv_cache_precision="f32")
+    rt = _open(folder, cache_dir, kv_precision="f32")
     try:
         ids, expected = list(PROMPT_IDS[:6]), []
         for _ in range(6):
@@ -271,8 +272,8 @@ def test_unknown_device_through_runtime_uses_faked_list(ov_export, cache_dir: Pa
         available_devices = ["CPU"]
 
     with pytest.raises(errors.NoCompatibleRuntimeError, match=r"'npu' \(NPU\).*sees: CPU"):
-        ovrt.OpenVINORuntime(ov_export("llama") / "openvino_model.xml",
-                             RuntimeOptions(device="npu"), core=FakeCore())
+        ovrt.OpenVINOEngine(ov_export("llama") / "openvino_model.xml",
+                            RuntimeOptions(device="npu"), core=FakeCore())
     with pytest.raises(errors.InvalidInputError, match="unknown device"):
         ovrt.select_device("tpu", ["CPU"])
 
@@ -280,7 +281,7 @@ def test_unknown_device_through_runtime_uses_faked_list(ov_export, cache_dir: Pa
 @pytest.mark.parametrize(("ov_device", "extra", "expected"), [
     ("CPU", {}, {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": "3",
                  "KV_CACHE_PRECISION": "f16", "CACHE_DIR": "/c"}),
-    ("CPU", {"precision": "f32", "kv_cache_precision": "u8"},
+    ("CPU", {"precision": "f32", "kv_precision": "u8"},
      {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": "3", "KV_CACHE_PRECISION": "u8",
       "INFERENCE_PRECISION_HINT": "f32", "CACHE_DIR": "/c"}),
     ("GPU", {"precision": "f16"}, {"PERFORMANCE_HINT": "LATENCY", "KV_CACHE_PRECISION": "f16",
@@ -289,13 +290,15 @@ def test_unknown_device_through_runtime_uses_faked_list(ov_export, cache_dir: Pa
     ("AUTO", {}, {"PERFORMANCE_HINT": "LATENCY", "CACHE_DIR": "/c"}),
 ])
 def test_build_properties(ov_device: str, extra: dict, expected: dict) -> None:
-    assert ovrt.build_properties(ov_device, 3, extra, Path("/c")) == expected
+    kv = extra.pop("kv_precision", None)
+    assert ovrt.build_properties(ov_device, 3, extra, Path("/c"), kv_precision=kv) == expected
 
 
-@pytest.mark.parametrize("extra", [{"kv_cache_precision": "q4"}, {"precision": "int8"}])
+@pytest.mark.parametrize("extra", [{"kv_precision": "q4"}, {"precision": "int8"}])
 def test_build_properties_refuses_unknown_values(extra: dict) -> None:
+    kv = extra.pop("kv_precision", None)
     with pytest.raises(errors.InvalidInputError, match="use one of"):
-        ovrt.build_properties("CPU", 2, extra, None)
+        ovrt.build_properties("CPU", 2, extra, None, kv_precision=kv)
 
 
 def test_default_cache_dir() -> None:
@@ -383,10 +386,10 @@ class _FakeNpuCore:
 
 
 def _npu(folder: Path, cache_dir: Path, core: _FakeNpuCore, n_ctx: int | None = None,
-         **extra: object) -> ovrt.OpenVINORuntime:
+         **extra: object) -> OneSession:
     options = RuntimeOptions(threads=2, device="npu", n_ctx=n_ctx,
                              extra={"cache_dir": str(cache_dir), **extra})
-    return ovrt.OpenVINORuntime(folder / "openvino_model.xml", options, core=core)
+    return OneSession(ovrt.OpenVINOEngine(folder / "openvino_model.xml", options, core=core))
 
 
 def test_npu_static_shapes_compile_properties(ov_export, cache_dir: Path) -> None:
@@ -434,7 +437,7 @@ def test_npu_prompt_longer_than_static_shape(ov_export, cache_dir: Path) -> None
 def test_npu_reprefills_multi_token_input_after_decoding(ov_export, cache_dir: Path) -> None:
     folder = ov_export("llama")
     npu = _npu(folder, cache_dir, _FakeNpuCore(), max_prompt_len=64, min_response_len=64)
-    cpu = _open(folder, cache_dir, kv_cache_precision="f32")
+    cpu = _open(folder, cache_dir, kv_precision="f32")
     steps = [PROMPT_IDS, [40], [41], [7, 8, 9]]  # prefill, two decode steps, a new user turn
     for chunk in steps:
         np.testing.assert_allclose(npu.forward(chunk), cpu.forward(chunk), atol=F32_TOL)
@@ -458,3 +461,40 @@ def test_compiled_cache_is_per_model_files(ov_export, tmp_path: Path, cache_dir:
 
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert ovrt.model_fingerprint(xml) != first
+
+
+# --- sessions and the KV cache (the checks every backend runs) ----------------------------
+
+
+def _ov_loader(folder: Path, cache_dir: Path):  # type: ignore[no-untyped-def]
+    def load(**kw: object):  # type: ignore[no-untyped-def]
+        return edgellm.load(folder, backend="openvino", device="cpu", threads=2, precision="f32",
+                            kv_precision="f32", cache_dir=str(cache_dir), **kw)
+    return load
+
+
+def test_sessions_from_threads_match_alone(ov_export, cache_dir: Path) -> None:
+    session_checks.check_threads_match_alone(_ov_loader(ov_export("llama"), cache_dir))
+
+
+def test_sliding_re_prefills(ov_export, cache_dir: Path) -> None:
+    assert not session_checks.check_sliding(_ov_loader(ov_export("llama"), cache_dir))["shift"]
+
+
+def test_save_restore(ov_export, cache_dir: Path, tmp_path: Path) -> None:
+    session_checks.check_save_restore(_ov_loader(ov_export("llama"), cache_dir), tmp_path)
+
+
+def test_trim_cuts_the_states(ov_export, cache_dir: Path) -> None:
+    session_checks.check_trim_equals_recompute(_ov_loader(ov_export("llama"), cache_dir))
+
+
+def test_kv_precision_u8_and_held_bytes(ov_export, cache_dir: Path) -> None:
+    with edgellm.load(ov_export("llama"), backend="openvino", device="cpu", n_ctx=64, kv_precision="u8",
+                      cache_dir=str(cache_dir)) as m:
+        assert m.info()["kv_precision"] == "u8"
+        s = m.session()
+        s.generate(PROMPT_IDS, max_tokens=3, temperature=0)
+        assert s.cache.n_tokens == len(PROMPT_IDS) + 2 and s.cache.held_bytes() > 0
+        s._backend.trim(4)  # cutting u8 states works too
+        assert s._backend.n_past == 4

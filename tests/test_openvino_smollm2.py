@@ -63,7 +63,7 @@ def test_optimum_intel_loads_our_ir_and_generates_the_same_tokens(ir) -> None:
 
     path = ir("int8").path
     prompt = "The capital of France is"
-    exact = {"precision": "f32", "kv_cache_precision": "f32"}  # same numerics on both sides
+    exact = {"precision": "f32", "kv_precision": "f32"}  # same numerics on both sides
     with edgellm.load(path, backend="openvino", n_ctx=256, **exact) as model:
         ids = model.tokenize(prompt)
         ours = model.generate(ids, max_tokens=16, temperature=0, ignore_eos=True).tokens

@@ -151,7 +151,7 @@ def test_the_kv_precision_ladder_buys_context() -> None:
     assert f16.reason.startswith("needs ") and "at 4096 tokens > budget" in f16.reason
     assert f"fits up to {f16.max_context} tokens" in f16.reason and 2000 < f16.max_context < 4096
     assert (q8.kv_precision, q8.status, q8.max_context) == ("q8_0", "chosen", 4096)
-    assert q8.runtime_options == {"kv_type": "q8_0"}
+    assert q8.runtime_options == {"kv_precision": "q8_0"}
 
 
 def test_hand_computed_peak_of_the_7b_on_a_raspberry_pi_8gb() -> None:
@@ -431,10 +431,10 @@ def test_host_profile_for_gguf_imports_no_other_runtime() -> None:
 def test_load_auto_opens_the_planned_backend(smollm2_gguf: Path) -> None:
     with edgellm.load(smollm2_gguf) as model:  # device="auto" is the default
         info = model.info()
-    assert (info["backend"], info["device"], info["kv_type"]) == ("llamacpp", "cpu", "f16")
+    assert (info["backend"], info["device"], info["kv_precision"]) == ("llamacpp", "cpu", "f16")
     assert info["n_ctx"] == 4096  # min(4096, the GGUF's 8192 positions), the plan's context
-    with edgellm.load(smollm2_gguf, n_ctx=256, kv_type="q8_0") as model:  # the caller's choices win
-        assert (model.info()["n_ctx"], model.info()["kv_type"]) == (256, "q8_0")
+    with edgellm.load(smollm2_gguf, n_ctx=256, kv_precision="q8_0") as model:  # the caller's choices win
+        assert (model.info()["n_ctx"], model.info()["kv_precision"]) == (256, "q8_0")
 
 
 def test_load_auto_refuses_when_nothing_fits(smollm2_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -79,7 +79,7 @@ def non_negative_int(text: str) -> int:
 
 
 def add_load_args(parser: argparse.ArgumentParser, model_help: str | None = None) -> None:
-    """MODEL plus --backend/--device/--n-ctx/--threads."""
+    """MODEL plus --backend/--device/--n-ctx/--threads and the KV cache flags."""
     if model_help is not None:
         parser.add_argument("model", metavar="MODEL", help=model_help)
     parser.add_argument("--backend", help="backend name (default: the first installed one "
@@ -89,6 +89,15 @@ def add_load_args(parser: argparse.ArgumentParser, model_help: str | None = None
     parser.add_argument("--n-ctx", type=positive_int, help="context size in tokens")
     parser.add_argument("--threads", type=positive_int,
                         help="CPU threads (default: physical cores)")
+    kv = parser.add_argument_group("KV cache")
+    kv.add_argument("--kv-budget", metavar="BYTES",
+                    help="KV cache bytes for every session together, e.g. 96MiB or 1.5GB")
+    kv.add_argument("--kv-precision", metavar="P",
+                    help="KV precision: llama.cpp f16/q8_0/q4_0/f32, OpenVINO f16/u8/f32, ONNX the graph's")
+    kv.add_argument("--kv-overflow", choices=("error", "sliding", "truncate"),
+                    help="when the cache is full: refuse (default), slide (keep the first "
+                         "--kv-sinks tokens and the newest), or drop the oldest chat turns")
+    kv.add_argument("--kv-sinks", type=non_negative_int, help="tokens kept at the start when sliding (4)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -111,6 +120,9 @@ def load_model(args: argparse.Namespace, path: Any = None) -> Model:
 
     kwargs: dict[str, Any] = {"backend": args.backend, "device": args.device,
                               "n_ctx": args.n_ctx, "threads": args.threads}
+    for name in ("kv_budget", "kv_precision", "kv_overflow", "kv_sinks"):
+        if getattr(args, name, None) is not None:
+            kwargs[name] = getattr(args, name)
     if getattr(args, "seed", None) is not None:
         kwargs["seed"] = args.seed
     return load(args.model if path is None else path, **kwargs)

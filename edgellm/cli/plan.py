@@ -20,7 +20,8 @@ budget, the chosen format, quantization, backend and device, and every rejected 
 with its reason.
 
   edgellm plan ./SmolLM2-135M-Instruct --device raspberry-pi-5-8gb
-  edgellm plan ./smollm2-q8 --device this-host --context 2048 --json"""
+  edgellm plan ./smollm2-q8 --device this-host --context 2048 --json
+  edgellm plan ./smollm2-q8 --device raspberry-pi-5-4gb --kv-budget 96MiB"""
 
 _COLUMNS = ("BACKEND", "FORMAT", "QUANT", "KV", "WEIGHTS", "PEAK", "MAX CTX", "STATUS", "REASON")
 
@@ -34,6 +35,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="device profile name or .toml file (default: this-host, i.e. detected)")
     p.add_argument("--context", type=int, metavar="N",
                    help="context to fit in tokens (default: min(4096, the model's positions))")
+    p.add_argument("--kv-budget", metavar="BYTES",
+                   help="KV cache bytes for every session together, e.g. 96MiB or 1.5GB (a session's "
+                        "context is what it holds when --context is not given)")
+    p.add_argument("--kv-precision", metavar="P",
+                   help="only options with this KV precision (f16, q8_0, u8, ...)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 
@@ -81,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     from edgellm.errors import NoCompatibleRuntimeError
 
     try:
-        result = plan(args.model, args.device, args.context)
+        result = plan(args.model, args.device, args.context, kv_budget=args.kv_budget,
+                      kv_precision=args.kv_precision)
     except NoCompatibleRuntimeError as exc:
         partial = getattr(exc, "plan", None)
         if partial is not None:

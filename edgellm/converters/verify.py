@@ -166,14 +166,16 @@ def measure_parity(runtime: Any, reference: Path, prompts: Sequence[str] | None 
 #: Runtime options for measuring a *conversion*: full-precision compute and KV cache where the
 #: backend would otherwise lower them, so the numbers describe the weights, not the runtime.
 PARITY_OPTIONS: dict[str, dict[str, Any]] = {
-    "openvino": {"precision": "f32", "kv_cache_precision": "f32"},
+    "openvino": {"precision": "f32", "kv_precision": "f32"},
 }
 
 
 def _open(model_file: Path, fmt: str) -> Any:
     from edgellm.runtimes.base import RuntimeOptions, open_runtime
 
-    return open_runtime(model_file, fmt, RuntimeOptions(n_ctx=512, extra=PARITY_OPTIONS.get(fmt, {})))
+    extra = dict(PARITY_OPTIONS.get(fmt, {}))
+    kv = extra.pop("kv_precision", None)
+    return open_runtime(model_file, fmt, RuntimeOptions(n_ctx=512, kv_precision=kv, extra=extra))
 
 
 def verify_artifact(path: Path, reference: Path, prompts: Sequence[str] | None = None,

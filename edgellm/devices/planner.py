@@ -266,7 +266,6 @@ class BackendModel:
     tokenizer_bytes_per_entry: int
     kv_copies: int
     kv_ladder: tuple[str, ...]  # KV precisions tried, best first; () = fixed by the artifact
-    kv_option: str | None  # the runtime option that sets it
     npu_static: bool  # compiles the static shapes an NPU needs
     weights: Callable[[ModelSpec, Quant | None, int], int]
     compute: Callable[[ModelSpec, int], int]
@@ -274,11 +273,11 @@ class BackendModel:
 
 BACKEND_MODELS: dict[str, BackendModel] = {
     row.name: row for row in (
-        BackendModel("llamacpp", int(13.4 * MiB), 0, 572, 1, ("f16", "q8_0"), "kv_type", False,
+        BackendModel("llamacpp", int(13.4 * MiB), 0, 572, 1, ("f16", "q8_0"), False,
                      _llama_weights, _llama_compute),
-        BackendModel("openvino", int(25.6 * MiB), 40 * MiB, 680, 1, ("f16", "u8"), "kv_cache_precision",
-                     True, _ov_weights, _ov_compute),
-        BackendModel("onnxruntime", int(21.9 * MiB), 68 * MiB, 680, 2, (), None, False,
+        BackendModel("openvino", int(25.6 * MiB), 40 * MiB, 680, 1, ("f16", "u8"), True,
+                     _ov_weights, _ov_compute),
+        BackendModel("onnxruntime", int(21.9 * MiB), 68 * MiB, 680, 2, (), False,
                      _ort_weights, _ort_compute),
     )
 }
@@ -484,11 +483,20 @@ class _Option:
     cap: int
     cap_why: str
     convert_options: tuple[tuple[str, Any], ...] = ()
+    kv_budget: int | None = None  # KV bytes every session together may hold
+
+    def kv_per_token(self, spec: ModelSpec) -> int:
+        return self.backend.kv_copies * kv_bytes_per_token(spec, self.kv)
+
+    def kv_cost(self, spec: ModelSpec, n_ctx: int) -> int:
+        """A session of ``n_ctx``; with a budget, the whole budget (sessions may fill it together)."""
+        one = self.kv_per_token(spec) * n_ctx
+        return one if self.kv_budget is None else max(one, self.kv_budget)
 
     def costs(self, spec: ModelSpec, n_ctx: int) -> dict[str, int]:
         b = self.backend
         parts = {"weights": b.weights(spec, self.quant, self.file_bytes),
-                 "kv": b.kv_copies * kv_bytes_per_token(spec, self.kv) * n_ctx,
+                 "kv": self.kv_cost(spec, n_ctx),
                  "compute": b.compute(spec, n_ctx),
                  "runtime": PROCESS_BYTES + b.import_bytes + b.fixed_bytes,
                  "tokenizer": b.tokenizer_bytes_per_entry * spec.vocab_size}
@@ -499,8 +507,10 @@ class _Option:
         return sum(v for k, v in self.costs(spec, n_ctx).items() if k not in host)
 
     def max_context(self, spec: ModelSpec) -> int:
-        """Largest context up to the cap whose prediction fits the budget (0: none)."""
+        """Largest context up to the cap (and the KV budget) whose prediction fits the budget (0: none)."""
         low, high = 0, self.cap
+        if self.kv_budget is not None:
+            high = min(high, self.kv_budget // max(1, self.kv_per_token(spec)))
         while low < high:
             mid = (low + high + 1) // 2
             low, high = (mid, high) if self.required(spec, mid) <= self.budget else (low, mid - 1)
@@ -516,6 +526,10 @@ def _verdict(opt: _Option, spec: ModelSpec, context: int, best: int) -> tuple[bo
     budget = _gib(opt.budget)
     if context > opt.cap:
         return False, f"device {opt.device} needs static shapes: context {context} > {opt.cap_why}"
+    one = opt.kv_per_token(spec) * context
+    if opt.kv_budget is not None and one > opt.kv_budget:
+        return False, (f"a session of {context} tokens needs {_gib(one)} of KV {opt.kv} > kv_budget "
+                       f"{_gib(opt.kv_budget)}")
     if best == 0 and opt.file_bytes > opt.budget:
         return False, f"weights {_gib(opt.file_bytes)} > budget {budget}"
     if best == 0:
@@ -539,7 +553,7 @@ def _sized(opt: _Option, spec: ModelSpec, context: int) -> Candidate:
         budget_bytes=opt.budget, context=context, max_context=best, context_cap=opt.cap,
         predicted_peak_bytes=sum(parts.values()), required_bytes=opt.required(spec, context),
         breakdown=parts, convert_options=dict(opt.convert_options),
-        runtime_options={opt.backend.kv_option: opt.kv} if opt.backend.kv_option else {},
+        runtime_options={"kv_precision": opt.kv},
     )
 
 
@@ -590,9 +604,12 @@ def _npu_options(quant: Quant, profile: DeviceProfile) -> tuple[tuple[str, Any],
 
 
 def _options(backend: str, device: str, fmt: str, model: ModelInfo, profile: DeviceProfile,
-             quants: list[Quant] | None = None) -> list[_Option]:
-    """Every (quantization, KV precision) option of one pair, best first."""
+             quants: list[Quant] | None = None, kv_wanted: str | None = None) -> list[_Option]:
+    """Every (quantization, KV precision) option of one pair, best first (only ``kv_wanted``'s if given)."""
     row = BACKEND_MODELS[backend]
+    ladder = row.kv_ladder
+    if kv_wanted is not None and ladder and kv_wanted in get_backend(backend).kv_precisions:
+        ladder = (kv_wanted,)
     budget, counts_host = _budget(profile, device)
     cap, cap_why = _cap(model, profile, device)
     if model.is_artifact:
@@ -604,7 +621,7 @@ def _options(backend: str, device: str, fmt: str, model: ModelInfo, profile: Dev
     for quant, name, size, exact in sized:
         extra = _npu_options(quant, profile) if quant is not None and not exact else ()
         out += [_Option(row, device, fmt, quant, name, kv, size, exact, budget, counts_host, cap, cap_why,
-                        extra) for kv in row.kv_ladder or (_ort_kv(quant),)]
+                        extra) for kv in ladder or (_ort_kv(quant),)]
     return out
 
 
@@ -686,13 +703,21 @@ def _pairs(profile: DeviceProfile, backends: Collection[str] | None) -> list[tup
 
 def plan(model: str | os.PathLike[str] | ModelSpec, profile: DeviceProfile | str,
          context: int | None = None, *, backends: Collection[str] | None = None,
-         formats: Collection[str] | None = None) -> Plan:
+         formats: Collection[str] | None = None, kv_budget: int | str | None = None,
+         kv_precision: str | None = None) -> Plan:
     """Plan ``model`` (a path or a ModelSpec) on ``profile`` (a DeviceProfile or its name).
 
-    ``context`` is the context to fit (default: min(4096, the model's positions, an NPU's
-    static size) per option). ``backends`` / ``formats`` narrow the candidates. Raises
-    NoCompatibleRuntimeError, with ``reasons`` and the partial plan as ``.plan``, when nothing fits.
+    ``context`` is the context of one session (default: what ``kv_budget`` holds at each
+    option's KV precision, else min(4096, the model's positions, an NPU's static size)).
+    ``kv_budget`` (bytes or "96MiB") is the KV bytes every session may hold together: the
+    prediction counts all of it. ``kv_precision`` keeps only options with that KV precision;
+    ``backends`` / ``formats`` narrow the candidates. Raises NoCompatibleRuntimeError, with
+    ``reasons`` and the partial plan as ``.plan``, when nothing fits.
     """
+    from edgellm.kvcache import normalize_precision, parse_bytes
+
+    budget = None if kv_budget is None else parse_bytes(kv_budget)
+    kv = None if kv_precision is None else normalize_precision(kv_precision, KV_BYTES, "the planner")
     info = describe_model(model)
     _check_context(context, info.spec)
     prof = _resolve_profile(profile)
@@ -700,7 +725,7 @@ def plan(model: str | os.PathLike[str] | ModelSpec, profile: DeviceProfile | str
     for backend, device in _pairs(prof, backends):
         fmt = _format_of(backend, info)
         if formats is None or fmt in formats:
-            rows += _candidates(backend, device, fmt, info, prof, context)
+            rows += _candidates(backend, device, fmt, info, prof, context, budget, kv)
     result = Plan(info, prof.name, prof.budget_bytes, context, tuple(_choose(rows)))
     if result.choice is None:
         raise _nothing_fits(result, prof, backends, formats)
@@ -709,15 +734,24 @@ def plan(model: str | os.PathLike[str] | ModelSpec, profile: DeviceProfile | str
 
 
 def _candidates(backend: str, device: str, fmt: str, info: ModelInfo, prof: DeviceProfile,
-                context: int | None) -> list[Candidate]:
+                context: int | None, kv_budget: int | None = None, kv: str | None = None
+                ) -> list[Candidate]:
     refusal = _refusal(backend, device, info, prof)
     if refusal is not None:
         reads = fmt in get_backend(backend).formats
         shown = fmt if reads else get_backend(backend).formats[0]
         quant = info.quantization if reads else None
         return [Candidate(backend, device, shown, quant, None, "rejected", refusal)]
-    return [_sized(opt, info.spec, context or min(DEFAULT_MAX_CTX, opt.cap))
-            for opt in _options(backend, device, fmt, info, prof)]
+    opts = [replace(o, kv_budget=kv_budget) for o in _options(backend, device, fmt, info, prof, kv_wanted=kv)
+            if kv is None or o.kv == kv]
+    return [_sized(o, info.spec, context or _default_context(o, info.spec)) for o in opts]
+
+
+def _default_context(opt: _Option, spec: ModelSpec) -> int:
+    """What the KV budget holds at this option's precision, else min(4096, the cap)."""
+    if opt.kv_budget is None:
+        return min(DEFAULT_MAX_CTX, opt.cap)
+    return max(1, min(opt.cap, opt.kv_budget // opt.kv_per_token(spec)))
 
 
 def _choose(rows: list[Candidate]) -> list[Candidate]:

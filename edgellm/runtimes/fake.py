@@ -9,7 +9,9 @@ included ("é" is two tokens, "🙂" four), which exercises streaming and stop s
 
 Where the reply stands is read from the state itself: the longest suffix of the state
 that is a prefix of the script (never the whole state, so a prompt never counts as
-reply). Tests can check prefix reuse with ``forward_calls`` and ``evaluated_tokens``.
+reply). Tests can check prefix reuse with ``forward_calls`` and ``evaluated_tokens``. Each
+session's cache has every :class:`~edgellm.kvcache.KVAbility` (or those the test asks
+for), so the overflow policies run here exactly as on the real backends.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 
 from edgellm._jsonfile import read_json_object
 from edgellm.errors import BackendError, InvalidInputError
+from edgellm.kvcache import KV_PRECISIONS, KVAbility, KVCache
 from edgellm.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -33,7 +36,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_SCRIPT", "FakeRuntime", "FakeTokenizer", "open"]
+__all__ = ["DEFAULT_SCRIPT", "FakeEngine", "FakeSession", "FakeTokenizer", "open"]
 
 DEFAULT_SCRIPT = "Hello from the fake runtime! Café 🙂"
 
@@ -89,13 +92,16 @@ class FakeTokenizer:
         return id in self._special_text
 
 
-class FakeRuntime:
-    """A :class:`~edgellm.runtimes.base.Runtime` whose greedy output is ``script`` then EOS.
+class FakeEngine:
+    """An :class:`~edgellm.runtimes.base.Engine` whose greedy output is ``script`` then EOS.
 
     ``n_vocab`` may exceed the tokenizer's 260 ids (like a padded embedding table), e.g.
     49152 to measure the loop's overhead at a realistic vocabulary size. Non-target
     logits are fixed pseudo-random values in [-1, 1]; the scripted token gets 20, so
-    sampling with min_p > 0 reproduces the script too.
+    sampling with min_p > 0 reproduces the script too. ``abilities`` narrows what its
+    sessions' caches can do (drop ``KVAbility.SHIFT`` to exercise re-prefill). Counters
+    (``forward_calls``, ``evaluated_tokens``, ``last_forward``, ``forward_seconds``) add up
+    every session's forward passes.
     """
 
     backend = "fake"
@@ -108,75 +114,126 @@ class FakeRuntime:
         n_vocab: int | None = None,
         chat_template: str | None = None,
         add_bos: bool = True,
+        kv_precision: str = "f32",
+        abilities: frozenset[KVAbility] = frozenset(KVAbility),
     ) -> None:
         self.tokenizer: Tokenizer = FakeTokenizer(chat_template=chat_template, add_bos=add_bos)
         self.script = DEFAULT_SCRIPT if script is None else script
-        self.n_ctx = int(n_ctx)
+        self.default_ctx = int(n_ctx)
+        self.max_ctx = max(self.default_ctx, 1 << 20)
         self.n_vocab = max(int(n_vocab or 0), self.tokenizer.vocab_size)
         # A plausible tiny shape, so code that sizes KV caches from the spec can run on it.
         self.spec = ModelSpec(
             architecture="fake", n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, head_dim=16,
-            intermediate_size=128, vocab_size=self.n_vocab, max_positions=self.n_ctx,
+            intermediate_size=128, vocab_size=self.n_vocab, max_positions=self.max_ctx,
         )
+        self.kv_precision = kv_precision
+        self.abilities = frozenset(abilities)
         # Special token texts in the script (e.g. "<|im_end|>") become their ids.
-        self._reply = [
+        self.reply = [
             *self.tokenizer.encode(self.script, add_special=False), self.tokenizer.specials["</s>"]
         ]
         self._base = np.random.default_rng(0).uniform(-1, 1, self.n_vocab).astype(np.float32)
-        self._state: list[int] = []
-        self._closed = False
+        self.closed = False
+        self.sessions: list[FakeSession] = []
         self.forward_calls = 0
         self.evaluated_tokens = 0
         self.last_forward: list[int] = []
         self.forward_seconds = 0.0  # time spent inside forward(), to separate loop overhead
 
-    @property
-    def n_past(self) -> int:
-        """Number of positions in the KV state."""
-        return len(self._state)
+    def kv_bytes_per_token(self) -> int:
+        """What a real model of :attr:`spec` would store per token at :attr:`kv_precision`."""
+        return self.spec.kv_bytes_per_token(KV_PRECISIONS[self.kv_precision])
 
-    @property
-    def state(self) -> list[int]:
-        """A copy of the ids in the KV state (for tests)."""
-        return list(self._state)
+    def open_session(self, n_ctx: int) -> FakeSession:
+        """A new conversation with an empty cache of ``n_ctx`` tokens."""
+        if self.closed:
+            raise BackendError("fake engine is closed; open it again")
+        session = FakeSession(self, int(n_ctx))
+        self.sessions.append(session)
+        return session
+
+    def logits_for(self, state: list[int]) -> np.ndarray:
+        """Logits after ``state``: the next script token gets 20."""
+        logits = self._base.copy()
+        logits[self._next_target(state)] = 20.0
+        return logits
 
     def _next_target(self, state: list[int]) -> int:
-        reply = self._reply
+        reply = self.reply
         for n in range(min(len(state) - 1, len(reply) - 1), 0, -1):
             if state[-n:] == reply[:n]:
                 return reply[n]
         return reply[0]
 
-    def _logits_for(self, state: list[int]) -> np.ndarray:
-        logits = self._base.copy()
-        logits[self._next_target(state)] = 20.0
-        return logits
+    def memory(self) -> dict[str, int | None]:
+        """No weights, no compute buffers."""
+        return {"weights": 0, "compute": 0}
+
+    def fingerprint(self) -> str:
+        """Names the script and vocabulary: a session saved on another script is refused."""
+        import hashlib
+
+        return hashlib.sha256(f"fake|{self.script}|{self.n_vocab}".encode()).hexdigest()[:32]
+
+    def info(self) -> dict[str, Any]:
+        """Backend facts for ``Model.info()``."""
+        return {"backend": self.backend, "n_ctx": self.default_ctx, "n_vocab": self.n_vocab,
+                "device": "cpu", "kv_precision": self.kv_precision}
+
+    def close(self) -> None:
+        """Mark closed; later forwards raise BackendError."""
+        self.closed = True
+
+
+class FakeSession:
+    """One conversation of a :class:`FakeEngine`: the ids in its "cache" are the state."""
+
+    def __init__(self, engine: FakeEngine, n_ctx: int) -> None:
+        self.engine = engine
+        self.n_ctx = n_ctx
+        self._state: list[int] = []
+        self._closed = False
+        bpt = engine.kv_bytes_per_token()
+        self.cache = KVCache(n_ctx, bpt, engine.kv_precision, engine.abilities,
+                             lambda: len(self._state) * bpt, lambda: len(self._state))
+
+    @property
+    def n_past(self) -> int:
+        """Number of positions in the cache."""
+        return len(self._state)
+
+    @property
+    def state(self) -> list[int]:
+        """A copy of the ids in the cache (for tests)."""
+        return list(self._state)
 
     def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Append ``tokens`` to the state; logits of the last (or every) position."""
         t0 = time.perf_counter()
-        if self._closed:
-            raise BackendError("fake runtime is closed; open it again")
+        eng = self.engine
+        if self._closed or eng.closed:
+            raise BackendError("fake session is closed; open another one")
         tokens = [int(t) for t in tokens]
         if not tokens:
             raise InvalidInputError("forward() needs at least one token")
         if len(self._state) + len(tokens) > self.n_ctx:
             raise BackendError(
-                f"fake runtime context full: {len(self._state)} + {len(tokens)} > n_ctx {self.n_ctx}"
+                f"fake session cache full: {len(self._state)} + {len(tokens)} > n_ctx {self.n_ctx}"
             )
-        bad = [t for t in tokens if not 0 <= t < self.n_vocab]
+        bad = [t for t in tokens if not 0 <= t < eng.n_vocab]
         if bad:
-            raise BackendError(f"token id {bad[0]} outside the vocabulary [0, {self.n_vocab})")
+            raise BackendError(f"token id {bad[0]} outside the vocabulary [0, {eng.n_vocab})")
         start = len(self._state)
         self._state.extend(tokens)
-        self.forward_calls += 1
-        self.evaluated_tokens += len(tokens)
-        self.last_forward = tokens
+        eng.forward_calls += 1
+        eng.evaluated_tokens += len(tokens)
+        eng.last_forward = tokens
         if all_logits:
-            out = np.stack([self._logits_for(self._state[: start + i + 1]) for i in range(len(tokens))])
+            out = np.stack([eng.logits_for(self._state[: start + i + 1]) for i in range(len(tokens))])
         else:
-            out = self._logits_for(self._state)
-        self.forward_seconds += time.perf_counter() - t0
+            out = eng.logits_for(self._state)
+        eng.forward_seconds += time.perf_counter() - t0
         return out
 
     def trim(self, n_keep: int) -> None:
@@ -185,20 +242,33 @@ class FakeRuntime:
             raise InvalidInputError(f"trim({n_keep}) outside the state [0, {len(self._state)}]")
         del self._state[n_keep:]
 
+    def shift(self, start: int, n_discard: int) -> None:
+        """Drop positions ``[start, start + n_discard)``; later ones move down."""
+        if KVAbility.SHIFT not in self.cache.abilities:
+            raise BackendError("this fake session was made without the shift ability")
+        del self._state[start:start + n_discard]
+
+    def save_state(self) -> bytes:
+        """The ids, as little-endian int32."""
+        return np.asarray(self._state, dtype="<i4").tobytes()
+
+    def load_state(self, data: bytes, n_tokens: int) -> None:
+        """Put back what :meth:`save_state` gave."""
+        ids = np.frombuffer(data, dtype="<i4")
+        if len(ids) != n_tokens or n_tokens > self.n_ctx:
+            raise BackendError(f"fake state holds {len(ids)} ids, expected {n_tokens} (<= {self.n_ctx})")
+        self._state = [int(i) for i in ids]
+
     def reset(self) -> None:
         """Empty the state."""
         self._state.clear()
 
-    def info(self) -> dict[str, Any]:
-        """Backend facts for ``Model.info()``."""
-        return {"backend": self.backend, "n_ctx": self.n_ctx, "n_vocab": self.n_vocab, "device": "cpu"}
-
     def close(self) -> None:
-        """Mark closed; later forwards raise BackendError."""
+        """Later forwards raise BackendError."""
         self._closed = True
 
 
-def open(path: str | Path, options: RuntimeOptions) -> FakeRuntime:
+def open(path: str | Path, options: RuntimeOptions) -> FakeEngine:
     """Registry entry point: ``path`` may be a JSON file ``{"script": ..., "n_ctx": ...}``.
 
     Any other path is ignored. ``options.extra`` may also carry ``script``; ``options.n_ctx``
@@ -209,9 +279,10 @@ def open(path: str | Path, options: RuntimeOptions) -> FakeRuntime:
     if p.is_file():
         config = read_json_object(p, 'a fake model file holds {"script": "..."}')
     config.update({k: v for k, v in options.extra.items() if k in ("script", "chat_template", "n_vocab")})
-    return FakeRuntime(
+    return FakeEngine(
         config.get("script"),
         n_ctx=options.n_ctx or int(config.get("n_ctx", 2048)),
         n_vocab=config.get("n_vocab"),
         chat_template=config.get("chat_template"),
+        kv_precision=options.kv_precision or "f32",
     )

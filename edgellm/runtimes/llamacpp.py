@@ -12,6 +12,8 @@ from __future__ import annotations
 import collections
 import ctypes
 import logging
+import re
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,11 +25,14 @@ from edgellm.errors import (
     ContextOverflowError,
     InvalidInputError,
     InvalidModelError,
+    KVBudgetError,
     MissingDependencyError,
     NoCompatibleRuntimeError,
+    SessionStateError,
 )
 from edgellm.gguf_meta import read_gguf_spec
-from edgellm.runtimes.base import RuntimeOptions
+from edgellm.kvcache import KV_PRECISIONS, KVAbility, KVCache
+from edgellm.runtimes.base import RuntimeOptions, file_fingerprint
 
 try:
     import llama_cpp
@@ -37,11 +42,15 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LlamaCppRuntime", "LlamaCppTokenizer", "open", "open_vocab"]
+__all__ = ["LlamaCppEngine", "LlamaCppSession", "LlamaCppTokenizer", "open", "open_vocab"]
 
 #: KV cache element types (ggml type ids, ggml.h ``enum ggml_type``).
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2}
+#: Most sessions one llama_context holds (llama.cpp's LLAMA_MAX_SEQ is 256; each stream costs
+#: an output row of n_vocab floats).
+MAX_STREAMS = 16
 _LOG_TAIL: collections.deque[str] = collections.deque(maxlen=20)
+_BUFFER_LOG: list[str] = []  # "... buffer size = ..." lines, read after each context is made
 _BACKEND_READY = False
 
 
@@ -50,6 +59,8 @@ def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     line = text.decode("utf-8", errors="replace").rstrip()
     if line:
         _LOG_TAIL.append(line)
+        if "buffer size" in line:
+            _BUFFER_LOG.append(line)
         logger.debug("llama.cpp: %s", line)
 
 
@@ -142,8 +153,59 @@ def open_vocab(path: Path) -> LlamaCppTokenizer:
     return LlamaCppTokenizer(model, metadata)
 
 
-class LlamaCppRuntime:
-    """A GGUF model in llama.cpp with one sequence of KV state (implements ``Runtime``)."""
+def _buffer_sizes(lines: list[str]) -> dict[str, int]:
+    """``{"kv": bytes, "compute": bytes, "output": bytes}`` from llama.cpp's context-creation log.
+
+    llama.cpp reports each buffer it allocates ("CPU KV buffer size = 11.25 MiB", "CPU
+    compute buffer size = 15.3 MiB"); these are the backend's own numbers, not a formula.
+    """
+    sizes: dict[str, int] = {}
+    for line in lines:
+        m = _BUFFER_LINE.search(line)
+        if m:
+            key = m[1].lower()
+            sizes[key] = sizes.get(key, 0) + int(float(m[2]) * 2**20)
+    return sizes
+
+
+_BUFFER_LINE = re.compile(r"\b(KV|compute|output) buffer size\s*=\s*([\d.]+) MiB")
+
+
+class _Pool:
+    """One llama_context holding ``streams`` sessions of ``cells`` tokens each.
+
+    With ``kv_unified=False`` llama.cpp gives every sequence id its own KV stream of
+    ``n_ctx / n_seq_max`` cells, so a session attends only to its own cells, and all the
+    sessions of a pool share one compute buffer. Decode calls on one pool are serialised
+    by ``lock``.
+    """
+
+    def __init__(self, ctx: Any, streams: int, cells: int, batch: Any, step: int,
+                 buffers: dict[str, int]) -> None:
+        self.ctx = ctx
+        self.step = step  # tokens per llama_decode call (the batch's size)
+        self.streams = streams
+        self.cells = cells
+        self.batch = batch
+        self.buffers = buffers
+        self.free = list(range(streams))
+        self.lock = threading.Lock()
+        self.memory = llama_cpp.llama_get_memory(ctx.ctx)
+
+    def close(self) -> None:
+        self.batch.close()
+        self.ctx.close()
+
+
+class LlamaCppEngine:
+    """A GGUF model loaded once by llama.cpp; its sessions are KV streams of shared contexts.
+
+    Sessions of one size share a context (a *pool*): at most as many streams as the
+    ``kv_budget`` holds sessions of that size (up to :data:`MAX_STREAMS`), one compute buffer
+    for all of them. Measured on SmolLM2-135M Q4_1, 4 sessions of 512 tokens each filled with
+    500 tokens: +64 MiB over the loaded model in one 4-stream context, +113 MiB in four
+    contexts (each context has its own ~15 MiB compute buffer) — so streams it is.
+    """
 
     backend = "llamacpp"
 
@@ -154,14 +216,18 @@ class LlamaCppRuntime:
         self._metadata = metadata
         self.device = self._pick_device(options.device)
         self.threads = options.thread_count()
-        self.n_ctx = options.context_for(self.spec)
-        self.n_batch = min(self.n_ctx, int(options.extra.get("n_batch", 512)))
+        self.default_ctx = options.context_for(self.spec)
+        self.max_ctx = self.spec.max_positions
+        self.n_batch = int(options.extra.get("n_batch", 512))
+        self.kv_precision = options.kv_precision or "f16"
+        self._options = options
+        self._budget = options.kv_budget_bytes
         self._model = self._load_model(path, options)
-        self._ctx = self._make_context(options)
-        self._batch = _internals.LlamaBatch(n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._model.vocab))
         self.tokenizer = LlamaCppTokenizer(self._model, metadata)
-        self._n_past = 0
+        self._pools: list[_Pool] = []
+        self._lock = threading.Lock()
+        self._fingerprint: str | None = None
 
     def _pick_device(self, device: str) -> str:
         """cpu, or gpu when this llama.cpp build can offload; "auto" takes the GPU if there is one."""
@@ -188,22 +254,58 @@ class LlamaCppRuntime:
                 "re-convert it or update llama-cpp-python"
             ) from None
 
-    def _make_context(self, options: RuntimeOptions) -> Any:
+    # -- sessions -------------------------------------------------------------------------
+
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one token in every layer at :attr:`kv_precision` (ggml block sizes)."""
+        return self.spec.kv_bytes_per_token(KV_PRECISIONS[self.kv_precision])
+
+    def open_session(self, n_ctx: int) -> LlamaCppSession:
+        """A session of ``n_ctx`` tokens: a free stream of a pool of that size, or a new pool."""
+        if self._model is None:
+            raise InvalidInputError(f"{self.path}: this model is closed; load it again")
+        with self._lock:
+            # a pool of this size (llama.cpp pads a stream to a multiple of 256 cells)
+            pool = next((p for p in self._pools if p.free and 0 <= p.cells - n_ctx < 256), None)
+            if pool is None:
+                pool = self._new_pool(n_ctx)
+                self._pools.append(pool)
+            seq = pool.free.pop(0)
+        return LlamaCppSession(self, pool, seq, n_ctx)
+
+    def _new_pool(self, n_ctx: int) -> _Pool:
+        bpt = self.kv_bytes_per_token()
+        allocated = sum(p.streams * p.cells for p in self._pools) * bpt
+        streams = 1
+        if self._budget is not None:
+            if allocated + n_ctx * bpt > self._budget:
+                raise KVBudgetError(
+                    f"{self.path}: a session of {n_ctx} tokens does not fit beside the KV streams "
+                    f"already allocated ({allocated} of {self._budget} bytes, in pools of "
+                    f"{sorted({p.cells for p in self._pools})} tokens); open sessions of those sizes "
+                    "or load with a larger kv_budget"
+                )
+            streams = max(1, min(MAX_STREAMS, (self._budget - allocated) // (n_ctx * bpt)))
+        _BUFFER_LOG.clear()
+        ctx = self._make_context(n_ctx, streams)
+        buffers = _buffer_sizes(_BUFFER_LOG)
+        cells = int(llama_cpp.llama_n_ctx_seq(ctx.ctx))
+        step = min(self.n_batch, n_ctx)
+        batch = _internals.LlamaBatch(n_tokens=step, embd=0, n_seq_max=1, verbose=False)
+        logger.debug("llama.cpp pool: %d stream(s) of %d cells, buffers %s", streams, cells, buffers)
+        return _Pool(ctx, streams, cells, batch, step, buffers)
+
+    def _make_context(self, n_ctx: int, streams: int) -> Any:
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = self.n_ctx
-        params.n_batch = self.n_batch
-        params.n_ubatch = self.n_batch
-        params.n_seq_max = 1
-        params.n_threads = self.threads
-        params.n_threads_batch = self.threads
-        kv_type = str(options.extra.get("kv_type", "f16")).lower()
-        if kv_type not in KV_TYPES:
-            raise InvalidInputError(f"unknown kv_type {kv_type!r}; use one of: {', '.join(KV_TYPES)}")
-        params.type_k = params.type_v = KV_TYPES[kv_type]
-        if kv_type not in ("f32", "f16"):  # llama.cpp needs flash attention for a quantized V cache
+        params.n_ctx = n_ctx * streams
+        params.n_batch = params.n_ubatch = min(self.n_batch, n_ctx)
+        params.n_seq_max = streams
+        params.kv_unified = False  # one KV stream per session: attention never spans another's cells
+        params.n_threads = params.n_threads_batch = self.threads
+        params.type_k = params.type_v = KV_TYPES[self.kv_precision]
+        if self.kv_precision not in ("f32", "f16"):  # llama.cpp needs flash attention for a quantized V
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        self.kv_type = kv_type
-        flash = options.extra.get("flash_attn")  # None: llama.cpp decides (auto)
+        flash = self._options.extra.get("flash_attn")  # None: llama.cpp decides (auto)
         if flash is not None:
             params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash
                                       else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
@@ -211,76 +313,195 @@ class LlamaCppRuntime:
             return _internals.LlamaContext(model=self._model, params=params, verbose=False)
         except (ValueError, RuntimeError):
             raise BackendError(
-                f"{self.path}: llama.cpp could not create a context of {self.n_ctx} tokens "
-                f"({_native_reason()}); try a smaller n_ctx"
+                f"{self.path}: llama.cpp could not create a context of {streams} x {n_ctx} tokens "
+                f"({_native_reason()}); try a smaller n_ctx or kv_budget"
             ) from None
 
-    @property
-    def n_past(self) -> int:
-        """Number of positions currently held in the KV cache."""
-        return self._n_past
+    def _release(self, pool: _Pool, seq: int) -> None:
+        with self._lock:
+            llama_cpp.llama_memory_seq_rm(pool.memory, seq, -1, -1)
+            pool.free.append(seq)
+            if len(pool.free) == pool.streams and pool in self._pools:
+                self._pools.remove(pool)  # no session left: free its KV and compute buffers
+                pool.close()
 
-    def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        """Append ``tokens`` to the state; logits of the last token (or of every token)."""
-        n = len(tokens)
-        if n == 0:
-            raise ValueError("forward() needs at least one token")
-        if self._n_past + n > self.n_ctx:
-            raise ContextOverflowError(
-                f"{self._n_past} tokens in context + {n} new > context {self.n_ctx}; "
-                "load the model with a larger n_ctx"
-            )
-        rows = []
-        for start in range(0, n, self.n_batch):
-            chunk = list(tokens[start:start + self.n_batch])
-            self._batch.set_batch(batch=chunk, n_past=self._n_past, logits_all=all_logits)
-            try:
-                self._ctx.decode(self._batch)
-            except RuntimeError:
-                raise BackendError(f"{self.path}: llama_decode failed ({_native_reason()})") from None
-            self._n_past += len(chunk)
-            if all_logits:
-                ptr = llama_cpp.llama_get_logits(self._ctx.ctx)
-                rows.append(np.ctypeslib.as_array(ptr, shape=(len(chunk), self.n_vocab)).copy())
-        if all_logits:
-            return np.concatenate(rows, axis=0)
-        ptr = llama_cpp.llama_get_logits_ith(self._ctx.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+    # -- facts ----------------------------------------------------------------------------
 
-    def trim(self, n_keep: int) -> None:
-        """Drop every KV position from ``n_keep`` on."""
-        if n_keep < self._n_past:
-            self._ctx.kv_cache_seq_rm(0, n_keep, -1)
-            self._n_past = max(0, n_keep)
+    def memory(self) -> dict[str, int | None]:
+        """Weights (llama.cpp's tensor bytes) and compute buffers (as llama.cpp reported them)."""
+        if self._model is None:
+            return {"weights": 0, "compute": 0}
+        with self._lock:
+            compute = sum(p.buffers.get("compute", 0) + p.buffers.get("output", 0) for p in self._pools)
+        return {"weights": int(llama_cpp.llama_model_size(self._model.model)), "compute": compute}
 
-    def reset(self) -> None:
-        """Empty the KV cache."""
-        self._ctx.kv_cache_clear()
-        self._n_past = 0
+    def fingerprint(self) -> str:
+        """Names the weights: size and SHA-256 of the GGUF header and of samples of its data."""
+        if self._fingerprint is None:
+            self._fingerprint = file_fingerprint(self.path)
+        return self._fingerprint
 
     def info(self) -> dict[str, Any]:
         """What runs where: backend, device, threads, context, file."""
+        with self._lock:
+            pools = [{"streams": p.streams, "cells": p.cells, "free": len(p.free),
+                      "buffers": dict(p.buffers)} for p in self._pools]
         return {
             "backend": self.backend,
             "device": self.device,
             "threads": self.threads,
-            "n_ctx": self.n_ctx,
+            "n_ctx": self.default_ctx,
             "n_batch": self.n_batch,
-            "kv_type": self.kv_type,
+            "kv_precision": self.kv_precision,
+            "pools": pools,
             "model_file": str(self.path),
             "llama_cpp_version": getattr(llama_cpp, "__version__", "unknown"),
             "file_type": self._metadata.get("general.file_type"),
         }
 
     def close(self) -> None:
-        """Free the native context and model."""
-        for obj in (getattr(self, "_batch", None), getattr(self, "_ctx", None),
-                    getattr(self, "_model", None)):
-            if obj is not None:
-                obj.close()
-        self._batch = self._ctx = self._model = None  # type: ignore[assignment]
+        """Free every context and the model."""
+        with self._lock:
+            for pool in self._pools:
+                pool.close()
+            self._pools = []
+            if self._model is not None:
+                self._model.close()
+            self._model = None
 
 
-def open(path: Path, options: RuntimeOptions) -> LlamaCppRuntime:  # noqa: A001 - registry hook
+class LlamaCppSession:
+    """One conversation: sequence ``seq`` of a pool, with its own KV stream (a ``BackendSession``)."""
+
+    def __init__(self, engine: LlamaCppEngine, pool: _Pool, seq: int, n_ctx: int) -> None:
+        self._engine = engine
+        self._pool = pool
+        self._seq = seq
+        self.n_ctx = n_ctx
+        self._n_past = 0
+        self._closed = False
+        abilities = frozenset(KVAbility) if llama_cpp.llama_memory_can_shift(pool.memory) else \
+            frozenset({KVAbility.TRIM, KVAbility.SNAPSHOT})
+        self.cache = KVCache(n_ctx, engine.kv_bytes_per_token(), engine.kv_precision, abilities,
+                             self._held_bytes, lambda: self._n_past)
+
+    def _held_bytes(self) -> int:
+        """llama.cpp's own size of this sequence's state (its cells' K and V, plus a header)."""
+        if self._closed:
+            return 0
+        with self._pool.lock:
+            return int(llama_cpp.llama_state_seq_get_size(self._pool.ctx.ctx, self._seq))
+
+    @property
+    def n_past(self) -> int:
+        """Number of positions currently held in the KV cache."""
+        return self._n_past
+
+    def _check_open(self) -> None:
+        if self._closed or self._engine._model is None:
+            raise InvalidInputError(f"{self._engine.path}: this session is closed; open another")
+
+    def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Append ``tokens`` to the cache; logits of the last token (or of every token)."""
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("forward() needs at least one token")
+        self._check_open()
+        if self._n_past + n > self.n_ctx:
+            raise ContextOverflowError(
+                f"{self._n_past} tokens in the cache + {n} new > its {self.n_ctx} tokens; "
+                "open the session with a larger n_ctx"
+            )
+        pool, vocab = self._pool, self._engine.n_vocab
+        rows = []
+        step = pool.step
+        with pool.lock:
+            for start in range(0, n, step):
+                chunk = tokens[start:start + step]
+                _fill(pool.batch.batch, chunk, self._n_past, self._seq, all_logits)
+                try:
+                    pool.ctx.decode(pool.batch)
+                except RuntimeError:
+                    raise BackendError(
+                        f"{self._engine.path}: llama_decode failed ({_native_reason()})") from None
+                self._n_past += len(chunk)
+                if all_logits:
+                    ptr = llama_cpp.llama_get_logits(pool.ctx.ctx)
+                    rows.append(np.ctypeslib.as_array(ptr, shape=(len(chunk), vocab)).copy())
+            if all_logits:
+                return np.concatenate(rows, axis=0)
+            ptr = llama_cpp.llama_get_logits_ith(pool.ctx.ctx, -1)
+            return np.ctypeslib.as_array(ptr, shape=(vocab,)).copy()  # the pool's buffer is shared
+
+    def trim(self, n_keep: int) -> None:
+        """Drop every position from ``n_keep`` on."""
+        self._check_open()
+        if n_keep < self._n_past:
+            with self._pool.lock:
+                llama_cpp.llama_memory_seq_rm(self._pool.memory, self._seq, max(0, n_keep), -1)
+            self._n_past = max(0, n_keep)
+
+    def shift(self, start: int, n_discard: int) -> None:
+        """Drop positions ``[start, start + n_discard)`` and move the later ones down.
+
+        llama.cpp re-applies RoPE to the moved keys (its K-shift) at the next decode.
+        """
+        self._check_open()
+        mem = self._pool.memory
+        with self._pool.lock:
+            llama_cpp.llama_memory_seq_rm(mem, self._seq, start, start + n_discard)
+            llama_cpp.llama_memory_seq_add(mem, self._seq, start + n_discard, -1, -n_discard)
+        self._n_past -= n_discard
+
+    def save_state(self) -> bytes:
+        """llama.cpp's serialised state of this sequence (its cells' K and V)."""
+        self._check_open()
+        ctx = self._pool.ctx.ctx
+        with self._pool.lock:
+            size = llama_cpp.llama_state_seq_get_size(ctx, self._seq)
+            buf = (ctypes.c_uint8 * size)()
+            written = llama_cpp.llama_state_seq_get_data(ctx, buf, size, self._seq)
+        return bytes(buf[:written])
+
+    def load_state(self, data: bytes, n_tokens: int) -> None:
+        """Put back what :meth:`save_state` gave (into this session's stream)."""
+        self._check_open()
+        ctx = self._pool.ctx.ctx
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        with self._pool.lock:
+            llama_cpp.llama_memory_seq_rm(self._pool.memory, self._seq, -1, -1)
+            read = llama_cpp.llama_state_seq_set_data(ctx, buf, len(data), self._seq)
+        if read == 0:
+            raise SessionStateError(
+                f"{self._engine.path}: llama.cpp refused the saved state ({_native_reason()}); "
+                "it was saved from another model or with other KV settings"
+            )
+        self._n_past = n_tokens
+
+    def reset(self) -> None:
+        """Empty the KV cache."""
+        self.trim(0)
+
+    def close(self) -> None:
+        """Free this session's stream for another session."""
+        if not self._closed:
+            self._closed = True
+            if self._engine._model is not None:
+                self._engine._release(self._pool, self._seq)
+
+
+def _fill(batch: Any, tokens: Sequence[int], n_past: int, seq: int, all_logits: bool) -> None:
+    """Write ``tokens`` at positions ``n_past...`` of sequence ``seq`` into a llama_batch."""
+    n = len(tokens)
+    batch.n_tokens = n
+    for i, t in enumerate(tokens):
+        batch.token[i] = int(t)
+        batch.pos[i] = n_past + i
+        batch.seq_id[i][0] = seq
+        batch.n_seq_id[i] = 1
+        batch.logits[i] = all_logits or i == n - 1
+
+
+def open(path: Path, options: RuntimeOptions) -> LlamaCppEngine:  # noqa: A001 - registry hook
     """Open a GGUF file with llama.cpp (the registry's entry point)."""
-    return LlamaCppRuntime(path, options)
+    return LlamaCppEngine(path, options)

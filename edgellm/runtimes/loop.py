@@ -1,28 +1,34 @@
 """The one decode loop shared by every backend.
 
-A backend only maps token ids to logits (:class:`~edgellm.runtimes.base.Runtime`).
-Everything an application can observe lives here, once: prefix reuse of the KV state,
-prefill, sampling, stop conditions, incremental detokenization and timings. Switching
-backend therefore never changes what the caller sees.
+A backend session only maps token ids to logits over its own KV cache
+(:class:`~edgellm.runtimes.base.BackendSession`). Everything an application can observe
+lives here, once: prefix reuse of the KV cache, prefill, sampling, stop conditions,
+incremental detokenization, timings, and the KV overflow policy
+(:class:`~edgellm.kvcache.OverflowPolicy`). Switching backend therefore never changes what
+the caller sees.
 
 Usage::
 
-    decoder = Decoder(runtime)
+    decoder = Decoder(session, tokenizer, n_vocab)
     gen = decoder.run(prompt_ids, SamplingParams(temperature=0), max_tokens=64, stop=["\\n\\n"])
     for piece in gen:
         print(piece, end="")
     gen.result.timings.decode_tps
 
-Context rule: a generation never makes prompt + completion exceed ``runtime.n_ctx``. A
-prompt that leaves no room for even one token raises
-:class:`~edgellm.errors.ContextOverflowError`; otherwise ``max_tokens`` is clamped to the
-room left and the generation ends with ``finish_reason="length"`` when the context is full.
+Context rule: under ``error`` and ``truncate`` a generation never makes prompt + completion
+exceed the session's capacity: a prompt that leaves no room for even one token raises
+:class:`~edgellm.errors.ContextOverflowError` (``truncate`` shortens it first), and
+``max_tokens`` is clamped to the room left (``finish_reason="length"``). Under ``sliding``
+the cache keeps its sinks and drops half of the rest when full, and generation goes on: by
+a shift of the cache where the backend can (:attr:`KVAbility.SHIFT`), otherwise by
+trimming to the sinks and re-prefilling the kept tokens.
 
-Threads: one :class:`Decoder` serialises runtime calls with a lock held per forward pass,
-never across a ``yield``. Each generation knows its full token sequence; if another
-generation used the runtime in between (another thread, or an abandoned stream resumed
-later), the next step re-synchronises the KV state by prefix reuse, so interleaving costs
-time but never correctness, and no abandoned stream can block the model.
+Threads: one :class:`Decoder` serialises its session's calls with a lock held per forward
+pass, never across a ``yield``. Each generation knows what its session's cache should hold;
+if another generation used the session in between (another thread, or an abandoned stream
+resumed later), the next step re-synchronises the cache by prefix reuse, so interleaving
+costs time but never correctness, and no abandoned stream can block the session. Different
+sessions never share a lock: they run in parallel where the backend releases the GIL.
 """
 
 from __future__ import annotations
@@ -38,11 +44,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from edgellm.errors import ContextOverflowError, InvalidInputError
+from edgellm.kvcache import KVAbility, OverflowPolicy
 from edgellm.runtimes.sampling import Sampler, SamplingParams
 from edgellm.text.detok import StreamDecoder
 
 if TYPE_CHECKING:
-    from edgellm.runtimes.base import Runtime
+    from edgellm.runtimes.base import BackendSession
     from edgellm.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -72,6 +79,8 @@ class Timings:
     prefill_tps: float
     decode_tps: float
     cached_tokens: int = 0  # prompt tokens reused from the KV state, not evaluated
+    evicted_tokens: int = 0  # tokens dropped from the KV cache by the sliding policy
+    dropped_prompt_tokens: int = 0  # prompt tokens left out by the sliding/truncate policy
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form for JSON reports."""
@@ -157,13 +166,28 @@ class _StopMatcher:
 
 
 class Decoder:
-    """The decode loop bound to one runtime; remembers which ids its KV state holds."""
+    """The decode loop bound to one session; remembers which ids its KV cache holds.
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-        self.lock = threading.Lock()  # held per runtime call, never across a yield
-        self._state: list[int] = []  # ids in the runtime's KV state, in order
+    ``capacity_note`` describes where the cache's size came from (e.g. "kv_budget 12 MiB
+    at f16"), for the overflow error.
+    """
+
+    def __init__(self, session: BackendSession, tokenizer: Tokenizer, n_vocab: int,
+                 policy: OverflowPolicy | None = None, capacity_note: str = "") -> None:
+        self.session = session
+        self.tokenizer = tokenizer
+        self.n_vocab = n_vocab
+        self.policy = policy or OverflowPolicy()
+        self.policy.check_capacity(session.n_ctx)
+        self.capacity_note = capacity_note
+        self.lock = threading.Lock()  # held per session call, never across a yield
+        self._state: list[int] = []  # ids in the session's KV cache, in position order
         self._owner: Generation | None = None
+
+    @property
+    def state(self) -> list[int]:
+        """A copy of the ids the KV cache holds, in position order."""
+        return list(self._state)
 
     def run(
         self,
@@ -178,71 +202,149 @@ class Decoder:
         """Start a generation; iterate the result for text pieces, then read ``.result``.
 
         ``eos_ids`` defaults to the tokenizer's; ``started_at`` (a ``time.perf_counter()``
-        value) lets a caller include its tokenization in ``ttft_ms``. Arguments are
-        checked here, before any runtime work.
+        value) lets a caller include its tokenization in ``ttft_ms``. Arguments, and whether
+        the prompt fits the cache, are checked here, before any compute.
         """
         prompt = list(prompt_ids)
-        _check_prompt(prompt, self.runtime.n_vocab)
+        _check_prompt(prompt, self.n_vocab)
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise InvalidInputError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
         stops = _check_stop(stop)
-        room = self.runtime.n_ctx - len(prompt)
-        if room < 1:
+        capacity = self.session.n_ctx
+        view = self.policy.fit_prompt(prompt, capacity, max_tokens)
+        if view is None:
+            note = f" ({self.capacity_note})" if self.capacity_note else ""
             raise ContextOverflowError(
-                f"prompt of {len(prompt)} tokens leaves no room in a context of {self.runtime.n_ctx} "
-                f"tokens (max_tokens={max_tokens}); shorten the prompt, or load the model with a "
-                "larger n_ctx"
+                f"prompt of {len(prompt)} tokens needs {len(prompt) + 1} with one token to generate, "
+                f"but the session's KV cache holds {capacity} tokens{note}; shorten the prompt, "
+                "raise n_ctx or kv_budget, or load with kv_overflow='sliding' or 'truncate'"
             )
-        if max_tokens > room:
-            logger.debug("max_tokens %d clamped to %d by the context size", max_tokens, room)
-        tok = self.runtime.tokenizer
-        eos = frozenset(tok.eos_ids if eos_ids is None else eos_ids)
-        return Generation(
-            self, prompt, params, min(max_tokens, room), stops, _special_stop_ids(tok, stops), eos, started_at
-        )
+        budget = max_tokens if self.policy.slides else min(max_tokens, capacity - len(view))
+        if budget < max_tokens:
+            logger.debug("max_tokens %d clamped to %d by the cache size", max_tokens, budget)
+        eos = frozenset(self.tokenizer.eos_ids if eos_ids is None else eos_ids)
+        return Generation(self, prompt, view, params, budget, stops,
+                          _special_stop_ids(self.tokenizer, stops), eos, started_at)
 
     def reset(self) -> None:
-        """Empty the runtime's KV state (and this decoder's record of it)."""
+        """Empty the session's KV cache (and this decoder's record of it)."""
         with self.lock:
-            self.runtime.reset()
+            self.session.reset()
             self._state.clear()
             self._owner = None
 
-    # Both methods below run with self.lock held.
+    def adopt(self, ids: Sequence[int]) -> None:
+        """Record that the cache now holds ``ids`` (after a restore put them there)."""
+        with self.lock:
+            self._state = list(ids)
+            self._owner = None
 
-    def _sync(self, owner: Generation, seq: list[int]) -> tuple[np.ndarray, int]:
-        """Make the KV state equal ``seq`` reusing the longest common prefix; last logits."""
-        rt, state = self.runtime, self._state
-        if rt.n_past != len(state):  # someone used the runtime behind our back
-            logger.debug("KV state (%d) differs from the record (%d); resetting", rt.n_past, len(state))
-            rt.reset()
+    def logprobs(self, ids: Sequence[int], chunk: int = 64) -> np.ndarray:
+        """Log-probability of each of ``ids[1:]`` given the tokens before it (teacher forcing).
+
+        The ids are fed through the session in chunks from an empty cache, under the overflow
+        policy: ``sliding`` evicts as generation would (shift or re-prefill), so the result
+        measures what a long conversation costs in quality; ``error`` and ``truncate`` refuse
+        a text longer than the cache. The cache holds the text afterwards.
+        """
+        ids = [int(t) for t in ids]
+        _check_prompt(ids, self.n_vocab)
+        capacity, policy = self.session.n_ctx, self.policy
+        if len(ids) > capacity and not policy.slides:
+            raise ContextOverflowError(
+                f"a text of {len(ids)} tokens does not fit a cache of {capacity} tokens; use "
+                "kv_overflow='sliding' to score it through a sliding window")
+        step = max(1, min(chunk, capacity - policy.sinks - 1))
+        out = np.empty(len(ids) - 1, dtype=np.float64)
+        with self.lock:
+            self.session.reset()
+            self._state, self._owner = [], None
+            prev: np.ndarray | None = None
+            for start in range(0, len(ids), step):
+                piece = ids[start:start + step]
+                while len(self._state) + len(piece) > capacity:
+                    self._evict_state(max(len(piece), policy.discard(len(self._state))))
+                rows = np.asarray(self.session.forward(piece, all_logits=True), dtype=np.float64)
+                self._state.extend(piece)
+                rows = rows - _logsumexp(rows)
+                targets = ids[start + 1:start + len(piece) + 1]
+                if prev is not None:
+                    out[start - 1] = prev[piece[0]]
+                out[start:start + len(targets)] = rows[np.arange(len(targets)), targets]
+                prev = rows[-1]
+        return out
+
+    # The methods below run with self.lock held.
+
+    def _evict_state(self, n_drop: int) -> None:
+        """Drop ``n_drop`` tokens after the sinks from the cache (shift, or trim and re-prefill)."""
+        sinks, state = self.policy.sinks, self._state
+        n_drop = min(n_drop, len(state) - sinks)
+        kept = state[:sinks] + state[sinks + n_drop:]
+        if self.session.cache.can(KVAbility.SHIFT):
+            self.session.shift(sinks, n_drop)
+        else:
+            self.session.trim(sinks)
+            if len(kept) > sinks:
+                self.session.forward(kept[sinks:])
+        self._state = kept
+
+    def _sync(self, owner: Generation, view: list[int]) -> tuple[np.ndarray, int]:
+        """Make the KV cache hold ``view`` reusing the longest common prefix; last logits."""
+        sess, state = self.session, self._state
+        if sess.n_past != len(state):  # someone used the session behind our back
+            logger.debug("KV cache (%d) differs from the record (%d); resetting", sess.n_past, len(state))
+            sess.reset()
             state.clear()
-        keep = min(_common_prefix(state, seq), len(seq) - 1)  # always evaluate >= 1 token
+        keep = min(_common_prefix(state, view), len(view) - 1)  # always evaluate >= 1 token
         if keep < len(state):
-            rt.trim(keep)
+            sess.trim(keep)
             del state[keep:]
-        new = seq[keep:]
+        new = view[keep:]
         self._owner = owner
         try:
-            logits = _last_row(rt.forward(new))
+            logits = _last_row(sess.forward(new))
         except BaseException:
-            state.clear()  # unknown state now: the next sync resets the runtime
+            state.clear()  # unknown state now: the next sync resets the session
             raise
         state.extend(new)
         return logits, len(new)
 
-    def _step(self, owner: Generation, seq: list[int]) -> np.ndarray:
-        """Logits after appending ``seq[-1]``: one-token forward, or a resync if needed."""
+    def _step(self, owner: Generation, view: list[int]) -> np.ndarray:
+        """Logits after appending ``view[-1]``: one-token forward, or a resync if needed."""
         state = self._state
-        if self._owner is owner and len(state) == len(seq) - 1 and self.runtime.n_past == len(state):
+        if self._owner is owner and len(state) == len(view) - 1 and self.session.n_past == len(state):
             try:
-                logits = _last_row(self.runtime.forward(seq[-1:]))
+                logits = _last_row(self.session.forward(view[-1:]))
             except BaseException:
                 state.clear()
                 raise
-            state.append(seq[-1])
+            state.append(view[-1])
             return logits
-        return self._sync(owner, seq)[0]
+        return self._sync(owner, view)[0]
+
+    def _evict(self, owner: Generation, view: list[int]) -> tuple[list[int], np.ndarray, int]:
+        """Sliding: drop half the tokens after the sinks; the new view, its logits, how many dropped.
+
+        ``view`` ends with the token to evaluate next and is one longer than the cache. The
+        cache is shifted in place where the backend can, else trimmed to the sinks and the
+        kept tokens are re-prefilled (by :meth:`_sync`).
+        """
+        sinks = self.policy.sinks
+        n_drop = self.policy.discard(len(view) - 1)
+        kept = view[:sinks] + view[sinks + n_drop:]
+        state = self._state
+        can_shift = self.session.cache.can(KVAbility.SHIFT)
+        if can_shift and self._owner is owner and state == view[:-1] and self.session.n_past == len(state):
+            self.session.shift(sinks, n_drop)
+            del state[sinks:sinks + n_drop]
+            return kept, self._step(owner, kept), n_drop
+        return kept, self._sync(owner, kept)[0], n_drop
+
+
+def _logsumexp(rows: np.ndarray) -> np.ndarray:
+    top = rows.max(axis=-1, keepdims=True)
+    return top + np.log(np.exp(rows - top).sum(axis=-1, keepdims=True))
 
 
 def _check_prompt(prompt: list[int], n_vocab: int) -> None:
@@ -289,6 +391,7 @@ class Generation:
         self,
         decoder: Decoder,
         prompt: list[int],
+        view: list[int],
         params: SamplingParams,
         budget: int,
         stops: tuple[str, ...],
@@ -299,6 +402,7 @@ class Generation:
         self.result: Result | None = None
         self._decoder = decoder
         self._prompt = prompt
+        self._view = view  # what the KV cache should hold: the fitted prompt, then new tokens
         self._params = params
         self._budget = budget
         self._stops = stops
@@ -325,17 +429,18 @@ class Generation:
         return self.result.text
 
     def _run(self) -> Generator[str, None, None]:
-        dec, tok = self._decoder, self._decoder.runtime.tokenizer
+        dec, tok = self._decoder, self._decoder.tokenizer
         sampler, detok, stops = Sampler(self._params), StreamDecoder(tok), _StopMatcher(self._stops)
-        seq = list(self._prompt)
+        seq, view = list(self._prompt), list(self._view)  # seq: every token, for penalties
+        capacity = dec.session.n_ctx
         generated: list[int] = []
         pieces: list[str] = []
         finish: FinishReason = "stop"
         t_first = t_end = None
-        decode_forwards = 0
+        decode_forwards = evicted = 0
         t_prefill = time.perf_counter()
         with dec.lock:
-            logits, evaluated = dec._sync(self, seq)
+            logits, evaluated = dec._sync(self, view)
         prefill_s = time.perf_counter() - t_prefill
         try:
             while True:
@@ -350,6 +455,7 @@ class Generation:
                     break
                 generated.append(token)
                 seq.append(token)
+                view.append(token)
                 out, hit = stops.push(detok.feed(token))
                 if out:
                     pieces.append(out)
@@ -361,7 +467,11 @@ class Generation:
                     finish = "length"
                     break
                 with dec.lock:
-                    logits = dec._step(self, seq)
+                    if len(view) > capacity:
+                        view, logits, dropped = dec._evict(self, view)
+                        evicted += dropped
+                    else:
+                        logits = dec._step(self, view)
                 decode_forwards += 1
             t_end = time.perf_counter()
             if finish != "stop":
@@ -375,11 +485,11 @@ class Generation:
             # Also runs when the consumer closes the stream early (GeneratorExit).
             t_end = t_end or time.perf_counter()
             self.result = self._result(pieces, generated, finish, evaluated, prefill_s,
-                                       t_first or t_end, t_end, decode_forwards)
+                                       t_first or t_end, t_end, decode_forwards, evicted)
 
     def _result(
         self, pieces: list[str], generated: list[int], finish: FinishReason, evaluated: int,
-        prefill_s: float, t_first: float, t_end: float, decode_forwards: int,
+        prefill_s: float, t_first: float, t_end: float, decode_forwards: int, evicted: int,
     ) -> Result:
         n_prompt, n_out = len(self._prompt), len(generated)
         decode_s = t_end - t_first
@@ -392,7 +502,9 @@ class Generation:
             total_ms=(t_end - self._t0) * 1e3,
             prefill_tps=evaluated / prefill_s if prefill_s > 0 else 0.0,
             decode_tps=decode_forwards / decode_s if decode_s > 0 and decode_forwards else 0.0,
-            cached_tokens=n_prompt - evaluated,
+            cached_tokens=max(0, len(self._view) - evaluated),
+            evicted_tokens=evicted,
+            dropped_prompt_tokens=n_prompt - len(self._view),
         )
         logger.debug("generation: %d+%d tokens, %s, %.1f decode tok/s",
                      n_prompt, n_out, finish, timings.decode_tps)

@@ -10,29 +10,29 @@ and ``past_key_values.{i}.key|value`` shaped ``[batch, kv_heads, past, head_dim]
 At run time this module imports only onnxruntime, numpy and edgellm, never optimum, onnx,
 transformers or torch.
 
-The KV cache never moves and never grows. The graph concatenates past and new
+One ``InferenceSession`` (the engine) serves every session; each session owns its KV cache,
+which never moves and never grows. The graph concatenates past and new
 (``present = concat(past, new)``), so each KV tensor owns two flat buffers of
-``n_ctx * kv_heads * head_dim`` elements, allocated once (``np.zeros``: pages are only
-committed as the context fills) and bound with ONNX Runtime's I/O binding: past is the first
-``kv_heads * past * head_dim`` elements of one buffer viewed as ``[1, h, past, d]``, present
-is written into the other viewed as ``[1, h, past + n, d]``, and the two swap roles after
-each run (ping-pong, twice the KV bytes of an in-place cache, which this graph cannot do).
-Logits, token ids, positions and the attention mask are preallocated too, so a decode step
-allocates no array. :meth:`ORTRuntime.trim` re-lays the kept prefix into the other buffer.
+``n_ctx * kv_heads * head_dim`` elements, allocated once per session (``np.zeros``: pages are
+only committed as the context fills) and bound with the session's own I/O binding: past is
+the first ``kv_heads * past * head_dim`` elements of one buffer viewed as ``[1, h, past, d]``,
+present is written into the other viewed as ``[1, h, past + n, d]``, and the two swap roles
+after each run (ping-pong, twice the KV bytes of an in-place cache, which this graph cannot
+do). Logits, token ids, positions and the attention mask are preallocated too, so a decode
+step allocates no array. :meth:`ORTSession.trim` re-lays the kept prefix into the other
+buffer.
 
 Execution providers are chosen by :func:`select_providers`, a pure function over tables,
 so it is tested against faked provider lists. Before ONNX Runtime opens the model,
-:func:`external_data_files` reads the external-data locations from the ONNX protobuf
-itself (a minimal field scan, no ``onnx`` package) and refuses any that leave the model
-folder or are missing.
+:func:`~edgellm.runtimes.onnx_files.external_data_files` reads the external-data locations
+from the ONNX protobuf itself and refuses any that leave the model folder or are missing.
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,10 +48,14 @@ from edgellm.errors import (
     MissingDependencyError,
     ModelNotFoundError,
     NoCompatibleRuntimeError,
+    SessionStateError,
     UnknownDeviceError,
     one_line,
 )
-from edgellm.runtimes.base import RuntimeOptions
+from edgellm.kvcache import KVAbility, KVCache
+from edgellm.kvcache.arrays import pack_arrays, unpack_arrays
+from edgellm.runtimes.base import RuntimeOptions, file_fingerprint
+from edgellm.runtimes.onnx_files import _SUBMESSAGES, ExternalData, external_data_files  # noqa: F401
 from edgellm.spec import ModelSpec
 from edgellm.text.tokenizer import HFTokenizer
 
@@ -66,7 +70,8 @@ __all__ = [
     "DEVICE_PROVIDERS",
     "PROVIDER_INSTALL",
     "ExternalData",
-    "ORTRuntime",
+    "ORTEngine",
+    "ORTSession",
     "external_data_files",
     "open",
     "select_providers",
@@ -109,6 +114,7 @@ _NUMPY_TYPES: dict[str, type[np.generic]] = {
 _KV_INPUT = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids")  # position_ids is optional
 _DEFAULT_N_BATCH = 512  # prefill chunk: sizes the logits buffer (n_batch * vocab floats)
+_KV_NAMES = {"float32": "f32", "float16": "f16"}  # numpy dtype -> kv_precision
 
 
 def select_providers(device: str, available: Sequence[str],
@@ -159,170 +165,6 @@ def session_options(threads: int) -> Any:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3  # errors only; they are raised (and translated) anyway
     return opts
-
-
-# -- external data: a minimal scan of the ONNX protobuf -------------------------------------
-
-#: Per ONNX message, its fields (numbers from onnx/onnx.proto) that hold messages which can
-#: contain a TensorProto; every other field is skipped without being read. TensorProto
-#: field 13 is ``external_data`` (StringStringEntryProto: key 1, value 2), field 8 ``name``.
-_SUBMESSAGES: dict[str, dict[int, str]] = {
-    "ModelProto": {7: "GraphProto", 20: "TrainingInfoProto", 25: "FunctionProto"},
-    "TrainingInfoProto": {1: "GraphProto", 2: "GraphProto"},
-    "GraphProto": {1: "NodeProto", 5: "TensorProto", 15: "SparseTensorProto"},
-    "NodeProto": {5: "AttributeProto"},
-    "FunctionProto": {7: "NodeProto", 11: "AttributeProto"},
-    "AttributeProto": {5: "TensorProto", 6: "GraphProto", 10: "TensorProto", 11: "GraphProto",
-                       22: "SparseTensorProto", 23: "SparseTensorProto"},
-    "SparseTensorProto": {1: "TensorProto", 2: "TensorProto"},
-}
-_MODEL_GRAPH_FIELD = 7
-
-
-@dataclass(frozen=True)
-class ExternalData:
-    """One tensor stored outside ``model.onnx``: where, and which byte range."""
-
-    tensor: str
-    location: str
-    offset: int
-    length: int | None
-
-
-class _Corrupt(Exception):
-    """The protobuf scan hit bytes that cannot be an ONNX model (internal)."""
-
-
-def _varint(buf: Any, pos: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while shift < 64:
-        if pos >= end:
-            raise _Corrupt(f"a field runs past the end of its message at byte {pos}")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-    raise _Corrupt(f"an over-long varint at byte {pos}")
-
-
-def _fields(buf: Any, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """``(field number, start, end)`` of each length-delimited field of one message."""
-    while pos < end:
-        key, pos = _varint(buf, pos, end)
-        field, wire = key >> 3, key & 7
-        if field == 0:
-            raise _Corrupt(f"field number 0 at byte {pos}")
-        if wire == 0:
-            _, pos = _varint(buf, pos, end)
-            continue
-        if wire in (1, 5):
-            pos += 8 if wire == 1 else 4
-            continue
-        if wire != 2:
-            raise _Corrupt(f"wire type {wire} at byte {pos} (not written by ONNX)")
-        size, pos = _varint(buf, pos, end)
-        start, pos = pos, pos + size
-        if pos <= end:
-            yield field, start, pos
-    if pos != end:
-        raise _Corrupt(f"a field runs {pos - end} bytes past the end of its message")
-
-
-def _tensor_external(buf: Any, start: int, end: int) -> ExternalData | None:
-    name, entries = "", {}
-    for field, a, b in _fields(buf, start, end):
-        if field == 8:
-            name = bytes(buf[a:b]).decode("utf-8", "replace")
-        elif field == 13:
-            kv = {f: bytes(buf[x:y]).decode("utf-8", "replace") for f, x, y in _fields(buf, a, b)}
-            entries[kv.get(1, "")] = kv.get(2, "")
-    if "location" not in entries:
-        return None
-    try:
-        offset = int(entries.get("offset") or 0)
-        length = int(entries["length"]) if entries.get("length") else None
-    except ValueError:
-        raise _Corrupt(f"tensor {name!r} has a non-numeric external-data offset/length") from None
-    return ExternalData(name, entries["location"], offset, length)
-
-
-def _walk(buf: Any, start: int, end: int, kind: str, out: list[ExternalData]) -> None:
-    if kind == "TensorProto":
-        found = _tensor_external(buf, start, end)
-        if found is not None:
-            out.append(found)
-        return
-    children = _SUBMESSAGES[kind]
-    for field, a, b in _fields(buf, start, end):
-        child = children.get(field)
-        if child is not None:
-            _walk(buf, a, b, child, out)
-
-
-def _scan_model(buf: Any, size: int) -> list[ExternalData]:
-    if not any(field == _MODEL_GRAPH_FIELD for field, _, _ in _fields(buf, 0, size)):
-        raise _Corrupt("no graph in the model")
-    found: list[ExternalData] = []
-    _walk(buf, 0, size, "ModelProto", found)
-    return found
-
-
-def external_data_files(model: Path) -> list[ExternalData]:
-    """The external-data references of ``model`` (an .onnx file), read without ONNX Runtime.
-
-    Raises :class:`InvalidModelError` when the file is not a readable ONNX protobuf or a
-    location is absolute, climbs out with ``..``, resolves outside the model folder (a
-    symlink) or is missing, or the data file is shorter than a tensor's byte range.
-    """
-    size = model.stat().st_size
-    if size == 0:
-        raise InvalidModelError(f"{model}: the file is empty; re-convert the model")
-    try:
-        with model.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            refs = _scan_model(buf, size)
-    except _Corrupt as exc:
-        raise InvalidModelError(
-            f"{model}: not a readable ONNX model ({exc}); the file is corrupt or truncated: "
-            "re-convert the model"
-        ) from None
-    sizes: dict[str, int] = {}
-    for ref in refs:
-        data = _check_location(model, ref)
-        sizes.setdefault(ref.location, data.stat().st_size)
-        end = ref.offset + (ref.length or 0)
-        if end > sizes[ref.location]:
-            raise InvalidModelError(
-                f"{model}: external data file {ref.location!r} holds {sizes[ref.location]} bytes but "
-                f"tensor {ref.tensor!r} ends at byte {end}; the data file is truncated or from "
-                "another export: copy it again or re-convert the model"
-            )
-    return refs
-
-
-def _check_location(model: Path, ref: ExternalData) -> Path:
-    folder = model.parent.resolve()
-    loc = ref.location
-    parts = re.split(r"[\\/]", loc)
-    if not loc or loc.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", loc) or ".." in parts:
-        raise InvalidModelError(
-            f"{model}: tensor {ref.tensor!r} names external data {loc!r}, outside the model "
-            "folder; refused (external data must be a relative path inside the folder): "
-            "re-convert the model"
-        )
-    data = (folder / loc).resolve()
-    if not data.is_relative_to(folder):
-        raise InvalidModelError(
-            f"{model}: external data {loc!r} resolves to {str(data)!r}, outside the model folder "
-            "(a symlink?); refused: copy the data file into the folder"
-        )
-    if not data.is_file():
-        raise InvalidModelError(
-            f"{model}: its external data file {loc!r} is missing; copy it beside {model.name} "
-            "or re-convert the model"
-        )
-    return data
 
 
 # -- translating ONNX Runtime's errors ---------------------------------------------------
@@ -385,8 +227,13 @@ class _KVSlot:
         return self.heads * positions * self.head_dim
 
 
-class ORTRuntime:
-    """An optimum-exported ONNX decoder with a preallocated, I/O-bound KV cache (a ``Runtime``)."""
+class ORTEngine:
+    """An optimum-exported ONNX decoder loaded once; sessions own their KV buffers (an ``Engine``).
+
+    One ``InferenceSession`` serves every session (ONNX Runtime's ``Run`` may be called from
+    several threads at once); each session has its own I/O binding, KV buffers, token and
+    logits buffers.
+    """
 
     backend = "onnxruntime"
 
@@ -401,20 +248,30 @@ class ORTRuntime:
         self.requested_providers = select_providers(
             options.device, ort.get_available_providers(), options.extra.get("providers"))
         self.threads = options.thread_count()
-        self.n_ctx = options.context_for(self.spec)
-        self.n_batch = min(_positive(options.extra.get("n_batch", _DEFAULT_N_BATCH), "n_batch"),
-                           self.n_ctx)
+        self.default_ctx = options.context_for(self.spec)
+        self.max_ctx = self.spec.max_positions
+        self.n_batch = _positive(options.extra.get("n_batch", _DEFAULT_N_BATCH), "n_batch")
         self._session = self._open_session()
         self._inputs = {i.name: i for i in self._session.get_inputs()}
-        self._slots = self._kv_slots()
-        self._kv_dtype = self._kv_type()
+        self.slots = self._kv_slots()
+        self.kv_dtype = self._kv_type()
+        self.kv_precision = _KV_NAMES[np.dtype(self.kv_dtype).name]
+        if options.kv_precision is not None and options.kv_precision != self.kv_precision:
+            raise InvalidInputError(
+                f"{self.path}: this graph's KV cache is {self.kv_precision} (its past_key_values "
+                f"inputs), so kv_precision {options.kv_precision!r} cannot be used; convert the model "
+                f"with --quant {'fp16' if options.kv_precision == 'f16' else 'fp32/int4/int8'} for that"
+            )
         logits = next(o for o in self._session.get_outputs() if o.name == "logits")
-        self._logits_dtype = self._dtype(logits.type, "logits")
+        self.logits_dtype = self._dtype(logits.type, "logits")
         last = logits.shape[-1] if logits.shape else None
         self.n_vocab = last if isinstance(last, int) else int(self.spec.vocab_size)
-        self._allocate()
-        self._past = 0
-        self._bank = 0  # which of the two buffers of each KV tensor holds the past
+        pos = self._inputs.get("position_ids")
+        self.has_positions = pos is not None
+        self.ids_dtype = self._dtype(self._inputs["input_ids"].type, "input_ids")
+        self.mask_dtype = self._dtype(self._inputs["attention_mask"].type, "attention_mask")
+        self.pos_dtype = self._dtype(pos.type, "position_ids") if pos is not None else np.int64
+        self._fingerprint: str | None = None
 
     # -- loading --------------------------------------------------------------------------
 
@@ -474,7 +331,7 @@ class ORTRuntime:
         return int(heads), int(head_dim)
 
     def _kv_type(self) -> type[np.generic]:
-        types = sorted({self._inputs[s.past].type for s in self._slots})
+        types = sorted({self._inputs[s.past].type for s in self.slots})
         if len(types) != 1:
             raise InvalidModelError(f"{self.path}: KV inputs mix the types {', '.join(types)}; "
                                     "re-export the model with one KV type")
@@ -488,27 +345,89 @@ class ORTRuntime:
             )
         return _NUMPY_TYPES[ort_type]
 
-    def _allocate(self) -> None:
-        """Every buffer a forward pass binds, allocated once for ``n_ctx`` positions."""
-        pos = self._inputs.get("position_ids")
-        self._ids_dtype = self._dtype(self._inputs["input_ids"].type, "input_ids")
-        self._mask_dtype = self._dtype(self._inputs["attention_mask"].type, "attention_mask")
-        self._pos_dtype = self._dtype(pos.type, "position_ids") if pos is not None else np.int64
-        self._token_ids = np.zeros(self.n_batch, dtype=self._ids_dtype)
-        self._mask = np.ones(self.n_ctx, dtype=self._mask_dtype)
-        self._positions = np.arange(self.n_ctx, dtype=self._pos_dtype)
-        self._logits = np.zeros(self.n_batch * self.n_vocab, dtype=self._logits_dtype)
+    # -- sessions -------------------------------------------------------------------------
+
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one token in every layer, twice: the graph reads one buffer and writes the other."""
+        one = sum(slot.elements(1) for slot in self.slots) * np.dtype(self.kv_dtype).itemsize
+        return 2 * one
+
+    def open_session(self, n_ctx: int) -> ORTSession:
+        """A session of ``n_ctx`` tokens with its own preallocated, I/O-bound buffers."""
+        if self._session is None:
+            raise InvalidInputError(f"{self.path}: this model is closed; load it again")
+        return ORTSession(self, n_ctx)
+
+    def run(self, binding: Any) -> None:
+        """One graph run; ONNX Runtime's failures become edgellm errors naming the file."""
+        try:
+            self._session.run_with_iobinding(binding)
+        except _CAUGHT as exc:
+            raise translate_error(exc, self.path, "to run the model") from None
+
+    def memory(self) -> dict[str, int | None]:
+        """The model's file bytes (ONNX Runtime keeps its own copies: see the planner); no compute report."""
+        files = {self.path, *(self.path.parent / r.location for r in self.external_data)}
+        return {"weights": sum(f.stat().st_size for f in files), "compute": None}
+
+    def fingerprint(self) -> str:
+        """Names the weights: sizes and samples of model.onnx and its external data."""
+        if self._fingerprint is None:
+            data = sorted({self.path.parent / r.location for r in self.external_data})
+            self._fingerprint = file_fingerprint(self.path, *data)
+        return self._fingerprint
+
+    def info(self) -> dict[str, Any]:
+        """What runs where: backend, device, providers in use, threads, context, KV type."""
+        return {
+            "backend": self.backend,
+            "device": self.device,
+            "providers": list(self._session.get_providers()) if self._session else [],
+            "threads": self.threads,
+            "n_ctx": self.default_ctx,
+            "n_batch": self.n_batch,
+            "kv_precision": self.kv_precision,
+            "model_file": str(self.path),
+            "external_data": sorted({r.location for r in self.external_data}),
+            "onnxruntime_version": ort.__version__,
+        }
+
+    def close(self) -> None:
+        """Release the InferenceSession (open sessions then fail with a clear error)."""
+        self._session = None
+
+
+class ORTSession:
+    """One conversation: two banks of flat KV buffers bound with I/O binding (a ``BackendSession``)."""
+
+    def __init__(self, engine: ORTEngine, n_ctx: int) -> None:
+        self._engine = engine
+        self.n_ctx = n_ctx
+        self.n_batch = min(engine.n_batch, n_ctx)
+        e = engine
+        self._token_ids = np.zeros(self.n_batch, dtype=e.ids_dtype)
+        self._mask = np.ones(n_ctx, dtype=e.mask_dtype)
+        self._positions = np.arange(n_ctx, dtype=e.pos_dtype)
+        self._logits = np.zeros(self.n_batch * e.n_vocab, dtype=e.logits_dtype)
         # Two banks of flat KV buffers; np.zeros commits pages only when they are written.
-        self._kv = [[np.zeros(s.elements(self.n_ctx), dtype=self._kv_dtype) for s in self._slots]
-                    for _ in range(2)]
+        self._kv = [[np.zeros(s.elements(n_ctx), dtype=e.kv_dtype) for s in e.slots] for _ in range(2)]
         # Addresses taken once: the arrays are never reallocated while the session lives.
         self._kv_ptrs = [[int(a.ctypes.data) for a in bank] for bank in self._kv]
         self._ptrs = {name: int(a.ctypes.data) for name, a in (
             ("input_ids", self._token_ids), ("attention_mask", self._mask),
             ("position_ids", self._positions), ("logits", self._logits))}
-        self._binding = self._session.io_binding()
+        self._binding = e._session.io_binding()
+        self._past = 0
+        self._bank = 0  # which of the two buffers of each KV tensor holds the past
+        self.cache = KVCache(n_ctx, e.kv_bytes_per_token(), e.kv_precision,
+                             frozenset({KVAbility.TRIM, KVAbility.SNAPSHOT}),
+                             self._held_bytes, lambda: self._past)
 
-    # -- Runtime protocol -----------------------------------------------------------------
+    def _held_bytes(self) -> int:
+        """The written part of both banks (np.zeros pages beyond it are never committed)."""
+        if self._binding is None:
+            return 0
+        return self._engine.kv_bytes_per_token() * self._past
 
     @property
     def n_past(self) -> int:
@@ -520,18 +439,19 @@ class ORTRuntime:
         n = len(tokens)
         if n == 0:
             raise ValueError("forward() needs at least one token")
-        if self._session is None:
-            raise InvalidInputError(f"{self.path}: this runtime is closed; open the model again")
+        eng = self._engine
+        if self._binding is None or eng._session is None:
+            raise InvalidInputError(f"{eng.path}: this session is closed; open another")
         if self._past + n > self.n_ctx:
             raise ContextOverflowError(
-                f"{self._past} tokens in context + {n} new > context {self.n_ctx}; "
-                "load the model with a larger n_ctx"
+                f"{self._past} tokens in the cache + {n} new > its {self.n_ctx} tokens; "
+                "open the session with a larger n_ctx"
             )
         ids = np.asarray(tokens, dtype=np.int64)
-        if int(ids.min()) < 0 or int(ids.max()) >= self.n_vocab:
+        if int(ids.min()) < 0 or int(ids.max()) >= eng.n_vocab:
             bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-            raise InvalidInputError(f"token id {bad} is outside the vocabulary [0, {self.n_vocab})")
-        out = np.empty((n, self.n_vocab), dtype=np.float32) if all_logits else None
+            raise InvalidInputError(f"token id {bad} is outside the vocabulary [0, {eng.n_vocab})")
+        out = np.empty((n, eng.n_vocab), dtype=np.float32) if all_logits else None
         for start in range(0, n, self.n_batch):
             rows = self._run(ids[start:start + self.n_batch])
             if out is not None:
@@ -540,28 +460,30 @@ class ORTRuntime:
 
     def _run(self, ids: np.ndarray) -> np.ndarray:
         """One graph run over ``ids`` (at most n_batch); a view of the logits buffer."""
+        eng = self._engine
         m, past = len(ids), self._past
         total = past + m
         self._token_ids[:m] = ids
         bind, ptrs = self._binding, self._ptrs
-        bind.bind_input("input_ids", "cpu", 0, self._ids_dtype, [1, m], ptrs["input_ids"])
-        bind.bind_input("attention_mask", "cpu", 0, self._mask_dtype, [1, total], ptrs["attention_mask"])
-        if "position_ids" in self._inputs:  # a contiguous slice of 0..n_ctx-1: no copy
+        bind.bind_input("input_ids", "cpu", 0, eng.ids_dtype, [1, m], ptrs["input_ids"])
+        bind.bind_input("attention_mask", "cpu", 0, eng.mask_dtype, [1, total], ptrs["attention_mask"])
+        if eng.has_positions:  # a contiguous slice of 0..n_ctx-1: no copy
             ptr = ptrs["position_ids"] + past * self._positions.itemsize
-            bind.bind_input("position_ids", "cpu", 0, self._pos_dtype, [1, m], ptr)
+            bind.bind_input("position_ids", "cpu", 0, eng.pos_dtype, [1, m], ptr)
         src, dst = self._kv_ptrs[self._bank], self._kv_ptrs[1 - self._bank]
-        for slot, a, b in zip(self._slots, src, dst, strict=True):
-            bind.bind_input(slot.past, "cpu", 0, self._kv_dtype, [1, slot.heads, past, slot.head_dim], a)
-            bind.bind_output(slot.present, "cpu", 0, self._kv_dtype,
+        for slot, a, b in zip(eng.slots, src, dst, strict=True):
+            bind.bind_input(slot.past, "cpu", 0, eng.kv_dtype, [1, slot.heads, past, slot.head_dim], a)
+            bind.bind_output(slot.present, "cpu", 0, eng.kv_dtype,
                              [1, slot.heads, total, slot.head_dim], b)
-        bind.bind_output("logits", "cpu", 0, self._logits_dtype, [1, m, self.n_vocab], ptrs["logits"])
-        try:
-            self._session.run_with_iobinding(bind)
-        except _CAUGHT as exc:
-            # The present buffers may be half written; the past bank is untouched.
-            raise translate_error(exc, self.path, "to run the model") from None
+        bind.bind_output("logits", "cpu", 0, eng.logits_dtype, [1, m, eng.n_vocab], ptrs["logits"])
+        eng.run(bind)  # on failure the present buffers may be half written; the past bank is untouched
         self._bank, self._past = 1 - self._bank, total
-        return self._logits[: m * self.n_vocab].reshape(m, self.n_vocab)
+        return self._logits[: m * eng.n_vocab].reshape(m, eng.n_vocab)
+
+    def _views(self, bank: int, positions: int) -> list[np.ndarray]:
+        """Each KV tensor of ``bank`` as ``[heads, positions, head_dim]``."""
+        return [a[: s.elements(positions)].reshape(s.heads, positions, s.head_dim)
+                for s, a in zip(self._engine.slots, self._kv[bank], strict=True)]
 
     def trim(self, n_keep: int) -> None:
         """Keep the first ``n_keep`` positions: re-lay them into the other buffer of each tensor."""
@@ -569,39 +491,41 @@ class ORTRuntime:
         if n_keep >= self._past:
             return
         if n_keep:
-            src, dst = self._kv[self._bank], self._kv[1 - self._bank]
-            for slot, a, b in zip(self._slots, src, dst, strict=True):
-                held = a[: slot.elements(self._past)].reshape(slot.heads, self._past, slot.head_dim)
-                kept = b[: slot.elements(n_keep)].reshape(slot.heads, n_keep, slot.head_dim)
-                np.copyto(kept, held[:, :n_keep])
+            held, kept = self._views(self._bank, self._past), self._views(1 - self._bank, n_keep)
+            for src, dst in zip(held, kept, strict=True):
+                np.copyto(dst, src[:, :n_keep])
             self._bank = 1 - self._bank
         self._past = n_keep
+
+    def shift(self, start: int, n_discard: int) -> None:
+        """Not available: the keys in the buffers are already rotated (the loop re-prefills)."""
+        raise BackendError("the ONNX Runtime backend cannot shift its KV cache; the loop re-prefills instead")
+
+    def save_state(self) -> bytes:
+        """The filled part of every KV tensor, named by its graph input."""
+        names = [s.past for s in self._engine.slots]
+        return pack_arrays(zip(names, self._views(self._bank, self._past), strict=True))
+
+    def load_state(self, data: bytes, n_tokens: int) -> None:
+        """Put back what :meth:`save_state` gave."""
+        arrays = unpack_arrays(data, str(self._engine.path))
+        slots = self._engine.slots
+        if [n for n, _ in arrays] != [s.past for s in slots] or n_tokens > self.n_ctx:
+            raise SessionStateError(f"{self._engine.path}: the saved KV tensors do not match this model's")
+        for dst, (_, src) in zip(self._views(0, n_tokens), arrays, strict=True):
+            if src.shape != dst.shape:
+                raise SessionStateError(f"{self._engine.path}: a saved KV tensor has shape {src.shape}, "
+                                        f"this model's is {dst.shape}")
+            np.copyto(dst, src)
+        self._bank, self._past = 0, n_tokens
 
     def reset(self) -> None:
         """Empty the KV cache (the buffers stay allocated)."""
         self._past = 0
 
-    def info(self) -> dict[str, Any]:
-        """What runs where: backend, device, providers in use, threads, context, KV type."""
-        kv_bytes = sum(a.nbytes for bank in self._kv for a in bank) if self._session else 0
-        return {
-            "backend": self.backend,
-            "device": self.device,
-            "providers": list(self._session.get_providers()) if self._session else [],
-            "threads": self.threads,
-            "n_ctx": self.n_ctx,
-            "n_batch": self.n_batch,
-            "kv_dtype": np.dtype(self._kv_dtype).name,
-            "kv_buffer_bytes": kv_bytes,
-            "model_file": str(self.path),
-            "external_data": sorted({r.location for r in self.external_data}),
-            "onnxruntime_version": ort.__version__,
-        }
-
     def close(self) -> None:
-        """Release the session, its binding and the buffers."""
+        """Release the binding and the buffers."""
         self._binding = None
-        self._session = None
         self._kv = [[], []]
         self._kv_ptrs = [[], []]
 
@@ -615,6 +539,6 @@ def _positive(value: Any, name: str) -> int:
     return value
 
 
-def open(path: Path, options: RuntimeOptions) -> ORTRuntime:  # noqa: A001 - registry hook
+def open(path: Path, options: RuntimeOptions) -> ORTEngine:  # noqa: A001 - registry hook
     """Open an optimum-exported ONNX decoder (model.onnx) with ONNX Runtime (the registry's hook)."""
-    return ORTRuntime(path, options)
+    return ORTEngine(path, options)

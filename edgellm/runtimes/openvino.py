@@ -33,8 +33,11 @@ from edgellm.errors import (
     MissingDependencyError,
     ModelNotFoundError,
     NoCompatibleRuntimeError,
+    SessionStateError,
 )
-from edgellm.runtimes.base import RuntimeOptions
+from edgellm.kvcache import KV_PRECISIONS, KVAbility, KVCache
+from edgellm.kvcache.arrays import pack_arrays, unpack_arrays
+from edgellm.runtimes.base import RuntimeOptions, file_fingerprint
 from edgellm.spec import ModelSpec
 from edgellm.text.tokenizer import HFTokenizer
 
@@ -49,7 +52,8 @@ __all__ = [
     "OV_DEVICES",
     "KV_CACHE_PRECISIONS",
     "NPU_DEFAULT_SHAPES",
-    "OpenVINORuntime",
+    "OpenVINOEngine",
+    "OpenVINOSession",
     "build_properties",
     "default_cache_dir",
     "model_fingerprint",
@@ -61,7 +65,7 @@ __all__ = [
 #: edgellm device name -> OpenVINO device name. AUTO is OpenVINO's virtual device.
 OV_DEVICES = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU", "auto": "AUTO"}
 
-#: options.extra["kv_cache_precision"] -> value of the KV_CACHE_PRECISION property
+#: kv_precision -> value of the KV_CACHE_PRECISION property
 #: (``ov.properties.hint.kv_cache_precision()`` is the key "KV_CACHE_PRECISION" in 2026.x).
 KV_CACHE_PRECISIONS = {"u8": "u8", "f16": "f16", "f32": "f32"}
 
@@ -143,7 +147,8 @@ def select_device(device: str, available: Sequence[str]) -> str:
 
 
 def build_properties(ov_device: str, threads: int, extra: Mapping[str, Any],
-                     cache_dir: Path | None, npu: Mapping[str, int] | None = None) -> dict[str, str]:
+                     cache_dir: Path | None, npu: Mapping[str, int] | None = None,
+                     kv_precision: str | None = None) -> dict[str, str]:
     """Compile properties for ``ov_device``: the wanted ones, filtered by what it accepts.
 
     PERFORMANCE_HINT is LATENCY (one stream of one request: a chat session), the thread
@@ -152,10 +157,10 @@ def build_properties(ov_device: str, threads: int, extra: Mapping[str, Any],
     On NPU the stateful model runs through the plugin's LLM pipeline (NPUW) with the
     static shapes ``npu`` (:func:`npu_shapes`); the KV tensors are [batch, heads, seq, dim].
     """
-    kv = str(extra.get("kv_cache_precision", "f16")).lower()
+    kv = str(kv_precision or "f16").lower()
     if kv not in KV_CACHE_PRECISIONS:
         raise InvalidInputError(
-            f"unknown kv_cache_precision {kv!r}; use one of: {', '.join(KV_CACHE_PRECISIONS)}"
+            f"unknown kv_precision {kv!r}; use one of: {', '.join(KV_CACHE_PRECISIONS)}"
         )
     precision = extra.get("precision")
     precision = None if precision is None else str(precision).lower()
@@ -208,8 +213,13 @@ def _manifest_of(folder: Path) -> dict[str, Any]:
     return read_manifest(folder) if (folder / MANIFEST_NAME).is_file() else {}
 
 
-class OpenVINORuntime:
-    """A stateful OpenVINO IR with one sequence of KV state (implements ``Runtime``)."""
+class OpenVINOEngine:
+    """A stateful OpenVINO IR compiled once; each session is an infer request (an ``Engine``).
+
+    The variable states of one infer request are one conversation's KV cache; every request
+    made from the compiled model shares its weights, so a session costs its KV states and
+    the request's own buffers.
+    """
 
     backend = "openvino"
 
@@ -218,13 +228,14 @@ class OpenVINORuntime:
         self._check_files(self.path)
         folder = self.path.parent
         self.spec = ModelSpec.from_hf_dir(folder)
+        self.kv_precision = options.kv_precision or "f16"
         # the tokenizer parses while OpenVINO compiles (both release the GIL): half a cached load
         with ThreadPoolExecutor(max_workers=1) as pool:
             tokenizer = pool.submit(HFTokenizer.from_dir, folder)
             self._open_compiled(options, core, folder)
             self.tokenizer = tokenizer.result()
         self.n_vocab = self._vocab_size()
-        self._ids: list[int] = []  # token ids currently in the state (trim re-feeds them)
+        self._fingerprint: str | None = None
 
     def _open_compiled(self, options: RuntimeOptions, core: Any, folder: Path) -> None:
         self._core = core if core is not None else ov.Core()
@@ -234,18 +245,22 @@ class OpenVINORuntime:
         self.npu: dict[str, int] | None = None
         if self.ov_device == "NPU":
             self.npu = npu_shapes(options.extra, _manifest_of(folder))
-            self.n_ctx = self._npu_context(options)
+            self.default_ctx = self._npu_context(options)
+            self.max_ctx = self.npu["max_prompt_len"] + self.npu["min_response_len"]
         else:
-            self.n_ctx = options.context_for(self.spec)
+            self.default_ctx = options.context_for(self.spec)
+            self.max_ctx = self.spec.max_positions
         cache = options.extra.get("cache_dir")
         self.cache_dir = Path(cache).expanduser() if cache else default_cache_dir()
         self.properties = build_properties(self.ov_device, self.threads, options.extra,
-                                           self.cache_dir / model_fingerprint(self.path), self.npu)
+                                           self.cache_dir / model_fingerprint(self.path), self.npu,
+                                           self.kv_precision)
         self._compiled = self._compile()
-        self._request = self._compiled.create_infer_request()
+        probe = self._compiled.create_infer_request()
         self._inputs = {n for i in self._compiled.inputs for n in i.get_names()}
         # NPUW turns the model stateless inside the plugin: its states are not queryable
-        self._check_stateful(self._inputs, self.npu is not None or bool(self._request.query_state()))
+        self._check_stateful(self._inputs, self.npu is not None or bool(probe.query_state()))
+        self._spare: Any = probe  # the first session takes this request
 
     # -- loading --------------------------------------------------------------------------
 
@@ -319,71 +334,38 @@ class OpenVINORuntime:
         last = shape[shape.rank.get_length() - 1]
         return int(last.get_length()) if last.is_static else int(self.spec.vocab_size)
 
-    # -- Runtime protocol -----------------------------------------------------------------
+    # -- sessions ---------------------------------------------------------------------
 
-    @property
-    def n_past(self) -> int:
-        """Number of positions currently held in the KV state."""
-        return len(self._ids)
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one token in every layer at :attr:`kv_precision`; u8 adds its scale and zero point."""
+        bpt = self.spec.kv_bytes_per_token(KV_PRECISIONS[self.kv_precision])
+        if self.kv_precision == "u8":  # a float32 scale and zero point per token, head and K/V
+            bpt += 2 * self.spec.n_layers * self.spec.n_kv_heads * 8
+        return bpt
 
-    def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        """Append ``tokens`` to the state; logits of the last token (or of every token)."""
-        n = len(tokens)
-        if n == 0:
-            raise ValueError("forward() needs at least one token")
-        past = len(self._ids)
-        if past + n > self.n_ctx:
-            raise ContextOverflowError(
-                f"{past} tokens in context + {n} new > context {self.n_ctx}; "
-                "load the model with a larger n_ctx"
+    def open_session(self, n_ctx: int) -> OpenVINOSession:
+        """A session of ``n_ctx`` tokens: a new infer request of the compiled model."""
+        if self._compiled is None:
+            raise InvalidInputError(f"{self.path}: this model is closed; load it again")
+        if self.npu is not None and n_ctx > self.max_ctx:
+            raise InvalidInputError(
+                f"{self.path}: a session of {n_ctx} tokens > the NPU's static KV size {self.max_ctx}; "
+                "raise max_prompt_len or min_response_len"
             )
-        if self.npu is not None:
-            self._check_npu_prompt(past, n)
-            if past and n > 1:  # the NPU pipeline prefills once: re-prefill the whole history
-                history = [*self._ids, *map(int, tokens)]
-                self.reset()
-                out = self.forward(history, all_logits)
-                return out[-n:] if all_logits else out
-        ids = np.asarray([list(map(int, tokens))], dtype=np.int64)
-        feed = {"input_ids": ids,
-                "attention_mask": np.ones((1, past + n), dtype=np.int64),
-                "beam_idx": np.zeros((1,), dtype=np.int32)}
-        if "position_ids" in self._inputs:
-            feed["position_ids"] = np.arange(past, past + n, dtype=np.int64)[None, :]
-        try:
-            self._request.infer(feed)
-        except (RuntimeError, ValueError, TypeError) as exc:
-            raise BackendError(f"{self.path}: OpenVINO inference failed ({_one_line(exc)})") from None
-        self._ids.extend(int(t) for t in ids[0])
-        logits = self._request.get_tensor("logits").data[0]
-        rows = logits if all_logits else logits[-1]
-        return np.array(rows, dtype=np.float32, copy=True)
+        request, self._spare = self._spare, None
+        return OpenVINOSession(self, request or self._compiled.create_infer_request(), n_ctx)
 
-    def _check_npu_prompt(self, past: int, n: int) -> None:
-        assert self.npu is not None
-        limit = self.npu["max_prompt_len"]
-        if n > 1 and past + n > limit:
-            raise ContextOverflowError(
-                f"{self.path}: a prompt of {past + n} tokens exceeds the NPU's static prompt "
-                f"shape of {limit} tokens; shorten the prompt, or load with "
-                f"max_prompt_len={-(-(past + n) // NPU_ALIGN) * NPU_ALIGN} (or convert with "
-                "--max-prompt-len) at the cost of NPU memory and compile time"
-            )
+    def memory(self) -> dict[str, int | None]:
+        """The .bin file's bytes (OpenVINO keeps them resident); compute is not reported by OpenVINO."""
+        if self._compiled is None:
+            return {"weights": 0, "compute": 0}
+        return {"weights": self.path.with_suffix(".bin").stat().st_size, "compute": None}
 
-    def trim(self, n_keep: int) -> None:
-        """Keep the first ``n_keep`` positions: reset the state and re-feed the kept ids."""
-        n_keep = max(0, int(n_keep))
-        if n_keep >= len(self._ids):
-            return
-        kept = self._ids[:n_keep]
-        self.reset()
-        if kept:
-            self.forward(kept, all_logits=False)
-
-    def reset(self) -> None:
-        """Empty the KV state."""
-        self._request.reset_state()
-        self._ids = []
+    def fingerprint(self) -> str:
+        """Names the weights: sizes and samples of the .xml and .bin."""
+        if self._fingerprint is None:
+            self._fingerprint = file_fingerprint(self.path, self.path.with_suffix(".bin"))
+        return self._fingerprint
 
     def info(self) -> dict[str, Any]:
         """What runs where: backend, device, threads, context, precisions, cache."""
@@ -397,8 +379,8 @@ class OpenVINORuntime:
             "ov_device": self.ov_device,
             "execution_devices": executing,
             "threads": self.threads,
-            "n_ctx": self.n_ctx,
-            "kv_cache_precision": self.properties.get("KV_CACHE_PRECISION", "device default"),
+            "n_ctx": self.default_ctx,
+            "kv_precision": self.properties.get("KV_CACHE_PRECISION", "device default"),
             "inference_precision": self.properties.get("INFERENCE_PRECISION_HINT", "device default"),
             "cache_dir": str(self.cache_dir),
             "npu_static_shapes": self.npu,
@@ -407,11 +389,146 @@ class OpenVINORuntime:
         }
 
     def close(self) -> None:
-        """Release the infer request and the compiled model."""
-        self._request = None
+        """Release the compiled model (sessions still open fail with a clear error)."""
+        self._spare = None
         self._compiled = None
 
 
-def open(path: Path, options: RuntimeOptions) -> OpenVINORuntime:  # noqa: A001 - registry hook
+class OpenVINOSession:
+    """One conversation: an infer request whose variable states are its KV cache.
+
+    Trimming cuts the state tensors along their sequence axis (``[batch, kv_heads, seq,
+    head_dim]`` in optimum-intel's stateful export) and sets them back; on an NPU, whose
+    states are not exposed, it resets and re-feeds the kept ids. A snapshot is the state
+    tensors as numpy arrays.
+    """
+
+    def __init__(self, engine: OpenVINOEngine, request: Any, n_ctx: int) -> None:
+        self._engine = engine
+        self._request = request
+        self.n_ctx = n_ctx
+        self._ids: list[int] = []  # token ids currently in the state (an NPU trim re-feeds them)
+        abilities = frozenset({KVAbility.TRIM}) if engine.npu is not None else \
+            frozenset({KVAbility.TRIM, KVAbility.SNAPSHOT})
+        self.cache = KVCache(n_ctx, engine.kv_bytes_per_token(), engine.kv_precision, abilities,
+                             self._held_bytes, lambda: len(self._ids))
+
+    def _held_bytes(self) -> int:
+        """Bytes of the state tensors OpenVINO returns (converted to their declared type)."""
+        if self._request is None or self._engine.npu is not None:
+            return 0
+        return sum(int(st.state.data.nbytes) for st in self._request.query_state())
+
+    @property
+    def n_past(self) -> int:
+        """Number of positions currently held in the KV state."""
+        return len(self._ids)
+
+    def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Append ``tokens`` to the state; logits of the last token (or of every token)."""
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("forward() needs at least one token")
+        if self._request is None or self._engine._compiled is None:
+            raise InvalidInputError(f"{self._engine.path}: this session is closed; open another")
+        past = len(self._ids)
+        if past + n > self.n_ctx:
+            raise ContextOverflowError(
+                f"{past} tokens in the cache + {n} new > its {self.n_ctx} tokens; "
+                "open the session with a larger n_ctx"
+            )
+        if self._engine.npu is not None:
+            self._check_npu_prompt(past, n)
+            if past and n > 1:  # the NPU pipeline prefills once: re-prefill the whole history
+                history = [*self._ids, *map(int, tokens)]
+                self.reset()
+                out = self.forward(history, all_logits)
+                return out[-n:] if all_logits else out
+        ids = np.asarray([list(map(int, tokens))], dtype=np.int64)
+        feed = {"input_ids": ids,
+                "attention_mask": np.ones((1, past + n), dtype=np.int64),
+                "beam_idx": np.zeros((1,), dtype=np.int32)}
+        if "position_ids" in self._engine._inputs:
+            feed["position_ids"] = np.arange(past, past + n, dtype=np.int64)[None, :]
+        try:
+            self._request.infer(feed)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise BackendError(f"{self._engine.path}: OpenVINO inference failed ({_one_line(exc)})") from None
+        self._ids.extend(int(t) for t in ids[0])
+        logits = self._request.get_tensor("logits").data[0]
+        rows = logits if all_logits else logits[-1]
+        return np.array(rows, dtype=np.float32, copy=True)
+
+    def _check_npu_prompt(self, past: int, n: int) -> None:
+        npu = self._engine.npu
+        assert npu is not None
+        limit = npu["max_prompt_len"]
+        if n > 1 and past + n > limit:
+            raise ContextOverflowError(
+                f"{self._engine.path}: a prompt of {past + n} tokens exceeds the NPU's static prompt "
+                f"shape of {limit} tokens; shorten the prompt, or load with "
+                f"max_prompt_len={-(-(past + n) // NPU_ALIGN) * NPU_ALIGN} (or convert with "
+                "--max-prompt-len) at the cost of NPU memory and compile time"
+            )
+
+    def trim(self, n_keep: int) -> None:
+        """Keep the first ``n_keep`` positions: cut the state tensors (NPU: reset and re-feed)."""
+        n_keep = max(0, int(n_keep))
+        if n_keep >= len(self._ids):
+            return
+        if n_keep == 0:
+            self.reset()
+            return
+        if self._engine.npu is not None:
+            kept = self._ids[:n_keep]
+            self.reset()
+            self.forward(kept, all_logits=False)
+            return
+        past = len(self._ids)
+        for st in self._request.query_state():
+            data = st.state.data
+            axis = _seq_axis(data.shape, past)
+            st.state = ov.Tensor(np.ascontiguousarray(np.take(data, range(n_keep), axis=axis)))
+        del self._ids[n_keep:]
+
+    def shift(self, start: int, n_discard: int) -> None:
+        """Not available: the keys in OpenVINO's state are already rotated (the loop re-prefills)."""
+        raise BackendError("the OpenVINO backend cannot shift its KV cache; the loop re-prefills instead")
+
+    def save_state(self) -> bytes:
+        """The state tensors, each as a raw array (names, shapes and types in a small header)."""
+        return pack_arrays([(st.get_name(), st.state.data) for st in self._request.query_state()])
+
+    def load_state(self, data: bytes, n_tokens: int) -> None:
+        """Put back what :meth:`save_state` gave; the ids are the restored tokens' (set by the loop)."""
+        arrays = dict(unpack_arrays(data, str(self._engine.path)))
+        states = self._request.query_state()
+        if {st.get_name() for st in states} != set(arrays):
+            raise SessionStateError(f"{self._engine.path}: the saved states do not match this model's")
+        for st in states:
+            st.state = ov.Tensor(np.ascontiguousarray(arrays[st.get_name()]))
+        self._ids = [0] * n_tokens  # positions only; the loop records which ids they are
+
+    def reset(self) -> None:
+        """Empty the KV state."""
+        self._request.reset_state()
+        self._ids = []
+
+    def close(self) -> None:
+        """Release the infer request and its states."""
+        self._request = None
+
+
+def _seq_axis(shape: Sequence[int], past: int) -> int:
+    """The sequence axis of a KV state tensor: 2 in optimum-intel's layout, else the one sized ``past``."""
+    if len(shape) == 4 and shape[2] == past:
+        return 2
+    axes = [i for i, d in enumerate(shape) if d == past]
+    if not axes:
+        raise BackendError(f"a KV state of shape {tuple(shape)} has no axis of {past} positions")
+    return axes[-1]
+
+
+def open(path: Path, options: RuntimeOptions) -> OpenVINOEngine:  # noqa: A001 - registry hook
     """Open a stateful OpenVINO IR (.xml) with OpenVINO (the registry's entry point)."""
-    return OpenVINORuntime(path, options)
+    return OpenVINOEngine(path, options)

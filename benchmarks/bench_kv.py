@@ -1,0 +1,367 @@
+"""Sessions and the memory-limited KV cache on SmolLM2-135M, on llama.cpp, OpenVINO and ONNX Runtime.
+
+Every measurement runs in a fresh process (clean RSS, cold imports), per backend:
+
+* **budget held**: a 512-token session under ``kv_overflow="sliding"`` generates 4,096 greedy
+  tokens; RSS is sampled every 10 ms and its growth after the first 512 tokens is set against
+  the KV budget (target: at most 10% of it);
+* **eviction speed**: decode tokens/s of that sliding run against the same number of tokens in
+  a cache large enough never to evict (target ratio >= 0.85);
+* **quality under sliding**: perplexity of ``tests/data/long_text.txt`` through a 256-token
+  window (8x the window of text), over the last window, against the same window scored alone
+  ("in-window") and with the whole text in the cache; with 4 sinks and with 0;
+* **KV precision**: in-window perplexity at each KV precision against f16 (f32 on ONNX Runtime,
+  whose graph fixes it);
+* **prefix reuse**: time to first token of a second chat turn after a 1,000-token history, against
+  a cold prefill of the same prompt (target >= 3x);
+* **sessions**: RSS of 4 sessions each holding 500 tokens against 1 (one copy of the weights
+  plus 4 KV caches);
+* **planner**: the planner's predicted peak for a 512-token session against the measured peak.
+
+Writes the "KV cache and sessions" section of ``BENCHMARKS.md``.
+Run: ``python benchmarks/bench_kv.py [--backends llamacpp,openvino,onnxruntime] [--tokens 4096]``.
+The OpenVINO and ONNX int4 models are converted once into ``$EDGELLM_CACHE/bench`` (needs the
+convert extras).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import run_in_child  # noqa: E402
+
+TEXT = ROOT / "tests" / "data" / "long_text.txt"
+WINDOW = 256
+KV_LADDERS = {"llamacpp": ("f16", "q8_0", "q4_0"), "openvino": ("f16", "u8", "f32"), "onnxruntime": ("f32",)}
+REFERENCE_KV = {"llamacpp": "f16", "openvino": "f16", "onnxruntime": "f32"}
+HISTORY_TURNS = 12
+
+
+def _load(path: Path, backend: str, **kw: Any) -> Any:
+    import edgellm
+
+    extra = (
+        {
+            "cache_dir": str(
+                Path(os.environ.get("EDGELLM_CACHE", "~/.cache/edgellm")).expanduser() / "ov-cache"
+            )
+        }
+        if backend == "openvino"
+        else {}
+    )
+    return edgellm.load(path, backend=backend, device="cpu", threads=2, **extra, **kw)
+
+
+def budget_run(path: Path, backend: str, tokens: int, n_ctx: int, sliding: bool) -> dict[str, float]:
+    """Generate ``tokens`` greedily in a cache of ``n_ctx``; RSS growth after the first n_ctx tokens."""
+    from edgellm.profiling.memory import MemorySampler
+
+    model = _load(path, backend, n_ctx=n_ctx, kv_overflow="sliding" if sliding else "error")
+    session = model.session()
+    backend_session = session._backend
+    marks: list[tuple[float, int]] = []  # (t_ms on the sampler's clock, tokens evaluated)
+    forward = backend_session.forward
+    count = 0
+
+    with MemorySampler(interval_ms=10) as mem:
+
+        def counted(ids: Any, all_logits: bool = False) -> Any:
+            nonlocal count
+            out = forward(ids, all_logits)
+            count += 1
+            if count % 16 == 0:
+                marks.append(((time.perf_counter() - mem._t0) * 1e3, count))
+            return out
+
+        backend_session.forward = counted
+        result = session.generate(
+            "Tell me a long story about the sea.", max_tokens=tokens, temperature=0, ignore_eos=True
+        )
+    t_full = next((t for t, c in marks if c >= n_ctx), 0.0)
+    at_full = max((rss for t, rss in mem.timeline if t <= t_full), default=0)
+    after = max((rss for t, rss in mem.timeline if t > t_full), default=at_full)
+    budget = session.cache.capacity_bytes
+    model.close()
+    return {
+        "decode_tps": result.timings.decode_tps,
+        "evicted": result.timings.evicted_tokens,
+        "rss_at_full": at_full,
+        "rss_growth_after": after - at_full,
+        "kv_budget": budget,
+        "peak_rss": mem.peak_rss_bytes,
+    }
+
+
+def perplexities(path: Path, backend: str, window: int, kv_precision: str) -> dict[str, float]:
+    """Perplexity over the last window of the text: sliding (4 sinks, 0 sinks), alone, whole text."""
+    import numpy as np
+
+    text = TEXT.read_text(encoding="utf-8")
+    out: dict[str, float] = {}
+    model = _load(path, backend, n_ctx=8 * window + 64, kv_precision=kv_precision)
+    ids = model.tokenize(text)[: 8 * window]
+    whole = model.session().logprobs(ids)
+    out["whole"] = float(np.exp(-whole[-window:].mean()))
+    alone = model.session(n_ctx=window + 8).logprobs(ids[-window - 1 :])
+    out["in_window"] = float(np.exp(-alone[-window:].mean()))
+    for sinks in (4, 0):
+        s = model.session(n_ctx=window, kv_overflow="sliding", kv_sinks=sinks)
+        lp = s.logprobs(ids)
+        out[f"sliding_{sinks}_sinks"] = float(np.exp(-lp[-window:].mean()))
+        s.close()
+    out["tokens"] = len(ids)
+    model.close()
+    return out
+
+
+def precision_ppl(path: Path, backend: str, kv_precision: str, window: int) -> dict[str, float]:
+    """In-window perplexity (the first 2 windows of the text, one cache) at one KV precision."""
+    import numpy as np
+
+    model = _load(path, backend, n_ctx=2 * window + 8, kv_precision=kv_precision)
+    ids = model.tokenize(TEXT.read_text(encoding="utf-8"))[: 2 * window]
+    lp = model.session().logprobs(ids)
+    model.close()
+    return {"ppl": float(np.exp(-lp.mean()))}
+
+
+def prefix_reuse(path: Path, backend: str) -> dict[str, float]:
+    """TTFT of a second turn after a ~1,000-token history: cold (fresh session) vs reused."""
+    model = _load(path, backend, n_ctx=2048)
+    text = TEXT.read_text(encoding="utf-8")
+    history = [{"role": "system", "content": "You are a helpful assistant."}]
+    words = text.split()
+    for i in range(HISTORY_TURNS):
+        history += [
+            {"role": "user", "content": " ".join(words[i * 30 : (i + 1) * 30])},
+            {"role": "assistant", "content": " ".join(words[1000 + i * 30 : 1000 + (i + 1) * 30])},
+        ]
+    turn = [*history, {"role": "user", "content": "Summarise our conversation."}]
+    warm = model.session()
+    warm.chat(
+        history[:-1] + [{"role": "user", "content": history[-2]["content"]}], max_tokens=1, temperature=0
+    )  # the history is in the cache now (the last reply is new text)
+    reused = warm.chat(turn, max_tokens=1, temperature=0)
+    cold_session = model.session()
+    cold = cold_session.chat(turn, max_tokens=1, temperature=0)
+    model.close()
+    return {
+        "prompt_tokens": cold.prompt_tokens,
+        "cold_ttft_ms": cold.timings.ttft_ms,
+        "reused_ttft_ms": reused.timings.ttft_ms,
+        "cached_tokens": reused.timings.cached_tokens,
+    }
+
+
+def sessions_memory(path: Path, backend: str, n_ctx: int) -> dict[str, float]:
+    """RSS with 1 and then 4 sessions each holding ~500 tokens; the KV the sessions report."""
+    from edgellm.profiling.memory import current_rss_bytes
+
+    model = _load(path, backend, n_ctx=n_ctx, kv_budget=4 * n_ctx * _bpt(path, backend))
+    prompt = TEXT.read_text(encoding="utf-8")
+    ids = model.tokenize(prompt)[: n_ctx - 12]
+    sessions = [model.session() for _ in range(4)]
+    sessions[0].generate(ids, max_tokens=4, temperature=0)
+    one = current_rss_bytes()
+    for s in sessions[1:]:
+        s.generate(ids, max_tokens=4, temperature=0)
+    four = current_rss_bytes()
+    mem = model.memory()
+    per_session = sessions[0].cache.held_bytes()
+    model.close()
+    return {
+        "rss_one": one,
+        "rss_four": four,
+        "kv_held_one": per_session,
+        "kv_held_all": mem["kv"],
+        "weights": mem["weights"] or 0,
+    }
+
+
+def _bpt(path: Path, backend: str) -> int:
+    model = _load(path, backend, n_ctx=8)
+    try:
+        return int(model.engine.kv_bytes_per_token())
+    finally:
+        model.close()
+
+
+def planner_check(path: Path, backend: str, n_ctx: int) -> dict[str, float]:
+    """The planner's predicted peak for one session of n_ctx, and the measured peak of filling it."""
+    from edgellm.devices.planner import host_profile, plan
+    from edgellm.profiling.memory import MemorySampler
+
+    with MemorySampler(interval_ms=10) as mem:
+        model = _load(path, backend, n_ctx=n_ctx, kv_budget=n_ctx * _bpt(path, backend))
+        ids = model.tokenize(TEXT.read_text(encoding="utf-8"))[: n_ctx - 8]
+        model.generate(ids, max_tokens=4, temperature=0)
+        model.close()
+    fmt = {"llamacpp": "gguf", "openvino": "openvino", "onnxruntime": "onnx"}[backend]
+    chosen = plan(
+        path, host_profile([fmt]), n_ctx, backends=[backend], kv_budget=n_ctx * _bpt(path, backend)
+    ).choice
+    assert chosen is not None
+    return {"predicted": chosen.predicted_peak_bytes, "measured": mem.os_peak_rss_bytes or mem.peak_rss_bytes}
+
+
+# -- artifacts and the report ----------------------------------------------------------------
+
+
+def artifacts(backends: list[str]) -> dict[str, Path]:
+    """The SmolLM2 model each backend runs: the packaged Q4_1 GGUF, int4 IR and int4 ONNX."""
+    from tests.fixtures import smollm2
+
+    out: dict[str, Path] = {}
+    if "llamacpp" in backends:
+        out["llamacpp"] = smollm2.smollm2_gguf_path()
+    root = Path(os.environ.get("EDGELLM_CACHE", "~/.cache/edgellm")).expanduser() / "bench"
+    for backend, fmt in (("openvino", "openvino"), ("onnxruntime", "onnx")):
+        if backend in backends:
+            folder = root / f"smollm2-{fmt}-int4"
+            if not (folder / "edgellm.json").is_file():
+                import edgellm
+
+                edgellm.convert(
+                    smollm2.smollm2_hf_dir(), folder, format=fmt, quant="int4", verify=False, force=True
+                )
+            out[backend] = folder
+    return out
+
+
+def measure(backend: str, path: Path, tokens: int) -> dict[str, Any]:
+    print(f"[{backend}] budget and eviction speed ...", file=sys.stderr)
+    row: dict[str, Any] = {
+        "sliding": run_in_child("bench_kv", "budget_run", path, backend, tokens, 512, True),
+        "plain": run_in_child("bench_kv", "budget_run", path, backend, tokens // 2, tokens // 2 + 64, False),
+    }
+    print(f"[{backend}] perplexity ...", file=sys.stderr)
+    row["ppl"] = run_in_child("bench_kv", "perplexities", path, backend, WINDOW, REFERENCE_KV[backend])
+    row["precisions"] = {
+        kv: run_in_child("bench_kv", "precision_ppl", path, backend, kv, WINDOW)["ppl"]
+        for kv in KV_LADDERS[backend]
+    }
+    print(f"[{backend}] prefix reuse, sessions, planner ...", file=sys.stderr)
+    row["reuse"] = run_in_child("bench_kv", "prefix_reuse", path, backend)
+    row["sessions"] = run_in_child("bench_kv", "sessions_memory", path, backend, 512)
+    row["planner"] = run_in_child("bench_kv", "planner_check", path, backend, 512)
+    return row
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def report(rows: dict[str, dict[str, Any]], tokens: int) -> str:
+    from edgellm.profiling.machine import machine_info
+
+    m = machine_info()
+    lines = [
+        "## KV cache and sessions (benchmarks/bench_kv.py)",
+        "",
+        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {m['cpu_model']}, "
+        f"{m['physical_cores']} cores, {m['total_ram_bytes'] / 2**30:.0f} GiB, {m['os']}, {m['python']}; "
+        f"llama-cpp-python {m['packages'].get('llama_cpp')}, openvino {m['packages'].get('openvino')}, "
+        f"onnxruntime {m['packages'].get('onnxruntime')}.",
+        "",
+        "SmolLM2-135M-Instruct (llama.cpp Q4_1, OpenVINO int4, ONNX int4), 2 threads, greedy, every "
+        "number from a fresh process. The machine was shared with other work: speeds are noisy.",
+        "",
+        f'**Budget held** (512-token session, `kv_overflow="sliding"`, {tokens} tokens) and **eviction '
+        "speed** (against the same run in a cache that never evicts, half the tokens):",
+        "",
+        "| backend | KV budget MiB | RSS growth after 512 tokens MiB | growth / budget | evicted | "
+        "decode tok/s sliding | without eviction | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for b, r in rows.items():
+        s, p = r["sliding"], r["plain"]
+        lines.append(
+            f"| {b} | {_mib(s['kv_budget'])} | {_mib(s['rss_growth_after'])} | "
+            f"{s['rss_growth_after'] / s['kv_budget']:.1%} | {s['evicted']:.0f} | {s['decode_tps']:.1f} | "
+            f"{p['decode_tps']:.1f} | {s['decode_tps'] / p['decode_tps']:.2f} |"
+        )
+    lines += [
+        "",
+        f"**Quality under sliding** (tests/data/long_text.txt, window {WINDOW} tokens, text of "
+        f"8 windows; perplexity over the last window):",
+        "",
+        "| backend | whole text in cache | window alone (in-window) | sliding, 4 sinks | sliding, 0 sinks | "
+        "4 sinks / in-window |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for b, r in rows.items():
+        q = r["ppl"]
+        lines.append(
+            f"| {b} | {q['whole']:.2f} | {q['in_window']:.2f} | {q['sliding_4_sinks']:.2f} | "
+            f"{q['sliding_0_sinks']:.2f} | {q['sliding_4_sinks'] / q['in_window']:.3f} |"
+        )
+    lines += [
+        "",
+        "**KV precision** (in-window perplexity of the first 512 tokens; cost against f16, f32 on "
+        "ONNX Runtime):",
+        "",
+        "| backend | " + " | ".join(["precision: perplexity (x reference)"]) + " |",
+        "|---|---|",
+    ]
+    for b, r in rows.items():
+        ref = r["precisions"][REFERENCE_KV[b]]
+        cells = ", ".join(f"{kv}: {v:.3f} (x{v / ref:.3f})" for kv, v in r["precisions"].items())
+        lines.append(f"| {b} | {cells} |")
+    lines += [
+        "",
+        "**Prefix reuse** (second chat turn after a history; cold = a fresh session), "
+        "**sessions** (4 sessions of 512 tokens each holding ~500) and **planner** (one 512-token "
+        "session filled by its prompt):",
+        "",
+        "| backend | prompt tokens | cold TTFT ms | reused TTFT ms | speed-up | RSS 1 session MiB | "
+        "RSS 4 sessions MiB | 3 more KV held MiB | planner predicted MiB | measured MiB | error |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for b, r in rows.items():
+        u, s, pl = r["reuse"], r["sessions"], r["planner"]
+        extra_kv = s["kv_held_all"] - s["kv_held_one"]
+        lines.append(
+            f"| {b} | {u['prompt_tokens']:.0f} | {u['cold_ttft_ms']:.0f} | {u['reused_ttft_ms']:.0f} | "
+            f"{u['cold_ttft_ms'] / u['reused_ttft_ms']:.1f}x | {_mib(s['rss_one'])} | {_mib(s['rss_four'])} "
+            f"| {_mib(extra_kv)} | {_mib(pl['predicted'])} | {_mib(pl['measured'])} | "
+            f"{(pl['predicted'] - pl['measured']) / pl['measured']:+.1%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_section(section: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    head = "## KV cache and sessions"
+    if head in text:
+        start = text.index(head)
+        nxt = text.find("\n## ", start + len(head))
+        text = text[:start] + section + (text[nxt + 1 :] if nxt >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text, encoding="utf-8")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backends", default="llamacpp,openvino,onnxruntime")
+    ap.add_argument("--tokens", type=int, default=4096)
+    args = ap.parse_args()
+    backends = [b for b in args.backends.split(",") if b]
+    paths = artifacts(backends)
+    rows = {b: measure(b, paths[b], args.tokens) for b in backends}
+    section = report(rows, args.tokens)
+    print(section)
+    write_section(section)
+
+
+if __name__ == "__main__":
+    main()

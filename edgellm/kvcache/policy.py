@@ -1,0 +1,101 @@
+"""What happens when a session's KV cache is full: one policy, decided in the shared loop.
+
+``kv_overflow`` (a load option, or per session):
+
+* ``error`` (default): a prompt that does not fit is refused before any compute, with the
+  tokens needed, the tokens available and the budget; a generation that reaches the end of
+  the cache stops with ``finish_reason="length"``.
+* ``sliding``: the first ``kv_sinks`` tokens stay (attention sinks: Xiao et al. 2023,
+  "Efficient Streaming Language Models with Attention Sinks", arXiv:2309.17453; 4 sinks is
+  their default) and the most recent tokens fill the rest. When the cache is full, half of
+  the tokens after the sinks are dropped at once, as llama.cpp's context shift does
+  (``n_discard = n_left / 2`` in its examples and server), so the cost of an eviction is
+  paid once per half window, not per token. Generation goes on indefinitely. A prompt
+  longer than the cache keeps its sinks and its newest tokens.
+* ``truncate``: a chat drops its oldest whole turns (the system prompt always stays) until
+  the rendered conversation leaves room for the reply; a raw prompt keeps its sinks and its
+  newest tokens. Generation stops at the end of the cache, like ``error``.
+
+How an eviction is carried out depends on the backend's abilities (``KVAbility``): a
+backend that can shift (llama.cpp: ``llama_memory_seq_rm`` + ``llama_memory_seq_add``, which
+re-applies RoPE to the moved keys) moves its cache in place; the others are trimmed to the
+sinks and re-prefilled with the kept tokens at their new positions. Both give every kept key
+the position it now has, so RoPE stays consistent.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from edgellm.errors import InvalidInputError
+
+__all__ = ["DEFAULT_SINKS", "Overflow", "OverflowPolicy"]
+
+#: StreamingLLM's default number of attention-sink tokens (arXiv:2309.17453, section 3.2).
+DEFAULT_SINKS = 4
+
+
+class Overflow(enum.Enum):
+    """The ``kv_overflow`` choices."""
+
+    ERROR = "error"
+    SLIDING = "sliding"
+    TRUNCATE = "truncate"
+
+
+@dataclass(frozen=True)
+class OverflowPolicy:
+    """A ``kv_overflow`` choice with its number of attention sinks."""
+
+    kind: Overflow = Overflow.ERROR
+    sinks: int = DEFAULT_SINKS
+
+    @classmethod
+    def parse(cls, kind: Any = "error", sinks: Any = DEFAULT_SINKS) -> OverflowPolicy:
+        """From user values (``kv_overflow="sliding"``, ``kv_sinks=4``), checked."""
+        if isinstance(kind, Overflow):
+            parsed = kind
+        else:
+            try:
+                parsed = Overflow(str(kind).strip().lower())
+            except ValueError:
+                names = ", ".join(o.value for o in Overflow)
+                raise InvalidInputError(
+                    f"kv_overflow {kind!r} is not a policy; use one of: {names}") from None
+        if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+            raise InvalidInputError(f"kv_sinks must be an integer >= 0, got {sinks!r}")
+        return cls(parsed, sinks)
+
+    @property
+    def slides(self) -> bool:
+        """True when generation may continue past a full cache."""
+        return self.kind is Overflow.SLIDING
+
+    def check_capacity(self, capacity: int) -> None:
+        """A cache must hold the sinks and at least two more tokens to slide."""
+        if self.kind is not Overflow.ERROR and self.sinks > capacity - 2:
+            raise InvalidInputError(
+                f"kv_sinks {self.sinks} leaves no room in a cache of {capacity} tokens; use at most "
+                f"{max(0, capacity - 2)} sinks or a larger cache"
+            )
+
+    def fit_prompt(self, prompt: list[int], capacity: int, max_tokens: int) -> list[int] | None:
+        """The tokens of ``prompt`` to keep in a cache of ``capacity``; None when it cannot fit.
+
+        A prompt leaving room for at least one token is kept whole. Otherwise ``error``
+        gives None (the caller raises) and the other policies keep the sinks and the newest
+        tokens, leaving room for ``min(max_tokens, half the window)`` new tokens.
+        """
+        if len(prompt) < capacity:
+            return prompt
+        if self.kind is Overflow.ERROR:
+            return None
+        window = capacity - self.sinks
+        room = max(1, min(max_tokens, window // 2))
+        return prompt[: self.sinks] + prompt[len(prompt) - (window - room):]
+
+    def discard(self, n_tokens: int) -> int:
+        """How many tokens after the sinks one eviction drops from a full cache of ``n_tokens``."""
+        return max(1, (n_tokens - self.sinks) // 2)
