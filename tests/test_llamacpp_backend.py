@@ -150,3 +150,24 @@ def test_sessions_share_one_context_per_size(smollm2_gguf: Path) -> None:
     with edgellm.load(smollm2_gguf, device="cpu", n_ctx=64, kv_precision="q4_0") as m:
         assert m.generate("Hello", max_tokens=4, temperature=0).completion_tokens == 4
         assert m.info()["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 18 // 32
+
+
+def test_restore_in_a_fresh_process_continues_identically(smollm2_gguf: Path, tmp_path: Path) -> None:
+    system = [{"role": "system", "content": "You are a geography tutor. Answer in one sentence."}]
+    question = [*system, {"role": "user", "content": "What is the capital of Italy?"}]
+    with edgellm.load(smollm2_gguf, device="cpu", n_ctx=256, threads=2) as m:
+        s = m.session()
+        s.chat(system + [{"role": "user", "content": "Hi"}], max_tokens=1, temperature=0)
+        s.save(tmp_path / "tutor.kv")
+        expected = s.chat(question, max_tokens=16, temperature=0).tokens
+    code = (
+        "import json, sys, edgellm\n"
+        f"m = edgellm.load({str(smollm2_gguf)!r}, device='cpu', n_ctx=256, threads=2)\n"
+        f"s = m.restore({str(tmp_path / 'tutor.kv')!r})\n"
+        f"r = s.chat({question!r}, max_tokens=16, temperature=0)\n"
+        "print(json.dumps({'tokens': r.tokens, 'cached': r.timings.cached_tokens}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["tokens"] == expected and got["cached"] > 10  # the system prompt was not prefilled again

@@ -497,16 +497,16 @@ class OpenVINOSession:
 
     def save_state(self) -> bytes:
         """The state tensors, each as a raw array (names, shapes and types in a small header)."""
-        return pack_arrays([(st.get_name(), st.state.data) for st in self._request.query_state()])
+        return pack_arrays([(st.name, st.state.data) for st in self._request.query_state()])
 
     def load_state(self, data: bytes, n_tokens: int) -> None:
         """Put back what :meth:`save_state` gave; the ids are the restored tokens' (set by the loop)."""
         arrays = dict(unpack_arrays(data, str(self._engine.path)))
         states = self._request.query_state()
-        if {st.get_name() for st in states} != set(arrays):
+        if {st.name for st in states} != set(arrays):
             raise SessionStateError(f"{self._engine.path}: the saved states do not match this model's")
         for st in states:
-            st.state = ov.Tensor(np.ascontiguousarray(arrays[st.get_name()]))
+            st.state = ov.Tensor(np.ascontiguousarray(arrays[st.name]))
         self._ids = [0] * n_tokens  # positions only; the loop records which ids they are
 
     def reset(self) -> None:
