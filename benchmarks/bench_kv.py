@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -57,7 +58,8 @@ def _load(path: Path, backend: str, **kw: Any) -> Any:
         if backend == "openvino"
         else {}
     )
-    return edgellm.load(path, backend=backend, device="cpu", threads=2, **extra, **kw)
+    threads = int(os.environ.get("EDGELLM_BENCH_THREADS", "1"))
+    return edgellm.load(path, backend=backend, device="cpu", threads=threads, **extra, **kw)
 
 
 def budget_run(path: Path, backend: str, tokens: int, n_ctx: int, sliding: bool) -> dict[str, float]:
@@ -162,26 +164,24 @@ def prefix_reuse(path: Path, backend: str) -> dict[str, float]:
 
 
 def sessions_memory(path: Path, backend: str, n_ctx: int) -> dict[str, float]:
-    """RSS with 1 and then 4 sessions each holding ~500 tokens; the KV the sessions report."""
+    """RSS after loading, then with 4 sessions each holding ~500 tokens, and the KV they reserve."""
     from edgellm.profiling.memory import current_rss_bytes
 
     model = _load(path, backend, n_ctx=n_ctx, kv_budget=4 * n_ctx * _bpt(path, backend))
-    prompt = TEXT.read_text(encoding="utf-8")
-    ids = model.tokenize(prompt)[: n_ctx - 12]
+    ids = model.tokenize(TEXT.read_text(encoding="utf-8"))[: n_ctx - 12]
+    loaded = current_rss_bytes()
     sessions = [model.session() for _ in range(4)]
-    sessions[0].generate(ids, max_tokens=4, temperature=0)
-    one = current_rss_bytes()
-    for s in sessions[1:]:
+    for s in sessions:
         s.generate(ids, max_tokens=4, temperature=0)
     four = current_rss_bytes()
     mem = model.memory()
-    per_session = sessions[0].cache.held_bytes()
     model.close()
     return {
-        "rss_one": one,
+        "rss_loaded": loaded,
         "rss_four": four,
-        "kv_held_one": per_session,
-        "kv_held_all": mem["kv"],
+        "kv_capacity_four": 4 * sessions[0].cache.capacity_bytes,
+        "kv_held_four": mem["kv"],
+        "compute": mem["compute"] or 0,
         "weights": mem["weights"] or 0,
     }
 
@@ -236,12 +236,22 @@ def artifacts(backends: list[str]) -> dict[str, Path]:
     return out
 
 
-def measure(backend: str, path: Path, tokens: int) -> dict[str, Any]:
+def _median_run(path: Path, backend: str, tokens: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Sliding and never-evicting runs, interleaved, ``repeats`` each: medians (the RSS growth: the worst)."""
+    runs: dict[str, list[dict[str, float]]] = {"sliding": [], "plain": []}
+    for _ in range(repeats):
+        runs["sliding"].append(run_in_child("bench_kv", "budget_run", path, backend, tokens, 512, True))
+        runs["plain"].append(
+            run_in_child("bench_kv", "budget_run", path, backend, tokens, tokens + 64, False)
+        )
+    out = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
+    out["sliding"]["rss_growth_after"] = max(r["rss_growth_after"] for r in runs["sliding"])
+    return out
+
+
+def measure(backend: str, path: Path, tokens: int, repeats: int) -> dict[str, Any]:
     print(f"[{backend}] budget and eviction speed ...", file=sys.stderr)
-    row: dict[str, Any] = {
-        "sliding": run_in_child("bench_kv", "budget_run", path, backend, tokens, 512, True),
-        "plain": run_in_child("bench_kv", "budget_run", path, backend, tokens // 2, tokens // 2 + 64, False),
-    }
+    row: dict[str, Any] = _median_run(path, backend, tokens, repeats)
     print(f"[{backend}] perplexity ...", file=sys.stderr)
     row["ppl"] = run_in_child("bench_kv", "perplexities", path, backend, WINDOW, REFERENCE_KV[backend])
     row["precisions"] = {
@@ -271,11 +281,13 @@ def report(rows: dict[str, dict[str, Any]], tokens: int) -> str:
         f"llama-cpp-python {m['packages'].get('llama_cpp')}, openvino {m['packages'].get('openvino')}, "
         f"onnxruntime {m['packages'].get('onnxruntime')}.",
         "",
-        "SmolLM2-135M-Instruct (llama.cpp Q4_1, OpenVINO int4, ONNX int4), 2 threads, greedy, every "
+        "SmolLM2-135M-Instruct (llama.cpp Q4_1, OpenVINO int4, ONNX int4), "
+        f"{os.environ.get('EDGELLM_BENCH_THREADS', '1')} thread(s), greedy, every "
         "number from a fresh process. The machine was shared with other work: speeds are noisy.",
         "",
         f'**Budget held** (512-token session, `kv_overflow="sliding"`, {tokens} tokens) and **eviction '
-        "speed** (against the same run in a cache that never evicts, half the tokens):",
+        "speed** (against the same number of tokens in a cache that never evicts; interleaved fresh-process "
+        "runs, medians; the RSS growth is the worst run):",
         "",
         "| backend | KV budget MiB | RSS growth after 512 tokens MiB | growth / budget | evicted | "
         "decode tok/s sliding | without eviction | ratio |",
@@ -318,20 +330,23 @@ def report(rows: dict[str, dict[str, Any]], tokens: int) -> str:
     lines += [
         "",
         "**Prefix reuse** (second chat turn after a history; cold = a fresh session), "
-        "**sessions** (4 sessions of 512 tokens each holding ~500) and **planner** (one 512-token "
-        "session filled by its prompt):",
+        "**sessions** (RSS after loading, then with 4 sessions of 512 tokens each holding ~500; the "
+        "growth set against the 4 caches' capacity) and **planner** (one 512-token session filled "
+        "by its prompt; measured: the OS peak RSS of the process):",
         "",
-        "| backend | prompt tokens | cold TTFT ms | reused TTFT ms | speed-up | RSS 1 session MiB | "
-        "RSS 4 sessions MiB | 3 more KV held MiB | planner predicted MiB | measured MiB | error |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| backend | prompt tokens | cold TTFT ms | reused TTFT ms | speed-up | RSS loaded MiB | "
+        "RSS 4 sessions MiB | 4 KV caches MiB | growth / 4 KV | planner predicted MiB | measured MiB "
+        "| error |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for b, r in rows.items():
         u, s, pl = r["reuse"], r["sessions"], r["planner"]
-        extra_kv = s["kv_held_all"] - s["kv_held_one"]
+        growth = (s["rss_four"] - s["rss_loaded"]) / s["kv_capacity_four"]
         lines.append(
             f"| {b} | {u['prompt_tokens']:.0f} | {u['cold_ttft_ms']:.0f} | {u['reused_ttft_ms']:.0f} | "
-            f"{u['cold_ttft_ms'] / u['reused_ttft_ms']:.1f}x | {_mib(s['rss_one'])} | {_mib(s['rss_four'])} "
-            f"| {_mib(extra_kv)} | {_mib(pl['predicted'])} | {_mib(pl['measured'])} | "
+            f"{u['cold_ttft_ms'] / u['reused_ttft_ms']:.1f}x | {_mib(s['rss_loaded'])} | "
+            f"{_mib(s['rss_four'])} | {_mib(s['kv_capacity_four'])} | {growth:.2f} | "
+            f"{_mib(pl['predicted'])} | {_mib(pl['measured'])} | "
             f"{(pl['predicted'] - pl['measured']) / pl['measured']:+.1%} |"
         )
     return "\n".join(lines) + "\n"
@@ -354,10 +369,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backends", default="llamacpp,openvino,onnxruntime")
     ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved sliding / plain runs (medians)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads per run (default 1: on a shared 2-core machine 2 spinning threads "
+        "collapse to a tenth of their speed; see DESIGN.md)",
+    )
     args = ap.parse_args()
     backends = [b for b in args.backends.split(",") if b]
+    os.environ["EDGELLM_BENCH_THREADS"] = str(args.threads)  # the child processes read it
     paths = artifacts(backends)
-    rows = {b: measure(b, paths[b], args.tokens) for b in backends}
+    rows = {b: measure(b, paths[b], args.tokens, args.repeats) for b in backends}
     section = report(rows, args.tokens)
     print(section)
     write_section(section)
