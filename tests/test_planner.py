@@ -154,6 +154,25 @@ def test_the_kv_precision_ladder_buys_context() -> None:
     assert q8.runtime_options == {"kv_precision": "q8_0"}
 
 
+def test_a_kv_budget_sizes_the_context_and_is_counted_whole() -> None:
+    weights = SMOLLM2_PARAMS * 2
+    budget = _llama_fixed(SMOLLM2, weights) + 8192 * (23040 + 1024)  # plenty of memory
+    kv_budget = 1000 * 23040 + 5
+    c = plan(SMOLLM2, _box(budget), kv_budget=kv_budget, backends=["llamacpp"]).choice
+    assert c is not None and (c.kv_precision, c.context, c.max_context) == ("f16", 1000, 1000)
+    assert c.breakdown["kv"] == kv_budget  # every session together may fill the budget
+    q8 = plan(SMOLLM2, _box(budget), kv_budget="11.25MiB", kv_precision="q8_0", backends=["llamacpp"]).choice
+    assert q8 is not None and q8.kv_precision == "q8_0" and q8.context == 11.25 * MiB // 12240
+    # two sessions of 400 tokens fit the budget: the context is per session
+    two = plan(SMOLLM2, _box(budget), 400, kv_budget=800 * 23040, backends=["llamacpp"]).choice
+    assert two is not None and two.context == 400 and two.breakdown["kv"] == 800 * 23040
+    with pytest.raises(NoCompatibleRuntimeError) as info:
+        plan(SMOLLM2, _box(budget), 2000, kv_budget=kv_budget, backends=["llamacpp"], kv_precision="f16")
+    assert "a session of 2000 tokens needs" in str(info.value.reasons)
+    with pytest.raises(InvalidInputError, match="kv_budget"):
+        plan(SMOLLM2, _box(budget), kv_budget="lots")
+
+
 def test_hand_computed_peak_of_the_7b_on_a_raspberry_pi_8gb() -> None:
     c = plan(LLAMA_7B, "raspberry-pi-5-8gb").choice
     assert c is not None
