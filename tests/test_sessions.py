@@ -320,3 +320,21 @@ def test_logprobs_through_a_sliding_window(abilities: frozenset) -> None:
     assert got[-1] > np.log(0.5)  # the script's next byte is the likely one
     with pytest.raises(errors.ContextOverflowError, match="kv_overflow='sliding'"):
         model(n_ctx=40).session().logprobs(text)
+
+
+def test_cli_kv_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edgellm.cli.main import main
+
+    folder = fake_artifact(tmp_path / "fake", "0123456789")
+    args = ["run", folder, "hello", "--backend", "fake", "--device", "cpu", "--temperature", "0"]
+    assert main([*args, "--kv-budget", "16KiB", "--kv-overflow", "sliding", "--kv-sinks", "2",
+                 "--max-tokens", "60", "--json"]) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert out["text"] == "0123456789" and out["finish_reason"] == "eos"
+    assert main([*args, "--kv-budget", "2KiB"]) == 2  # 4 tokens of KV: the prompt does not fit
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds 4 tokens" in err[0] and "kv_budget 2.0 KiB" in err[0]
+    assert main([*args, "--kv-budget", "a lot"]) == 2
+    assert "kv_budget 'a lot' is not a size" in capsys.readouterr().err
