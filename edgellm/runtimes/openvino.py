@@ -414,10 +414,19 @@ class OpenVINOSession:
                              self._held_bytes, lambda: len(self._ids))
 
     def _held_bytes(self) -> int:
-        """Bytes of the state tensors OpenVINO returns (converted to their declared type)."""
+        """The state tensors' elements, at the precision the plugin stores them in.
+
+        OpenVINO hands states out converted to their declared type (float32, measured with a
+        u8 and an f16 cache alike), so their ``nbytes`` would overstate an f16 cache twice; the
+        element count comes from the states, the bytes per element from ``KV_CACHE_PRECISION``
+        (u8 adds a scale and a zero point per head_dim values).
+        """
         if self._request is None or self._engine.npu is not None:
             return 0
-        return sum(int(st.state.data.nbytes) for st in self._request.query_state())
+        elements = sum(int(np.prod(st.state.shape)) for st in self._request.query_state())
+        kv = self._engine.kv_precision
+        per = KV_PRECISIONS[kv] + (8 / self._engine.spec.head_dim if kv == "u8" else 0.0)
+        return int(elements * per)
 
     @property
     def n_past(self) -> int:
