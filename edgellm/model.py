@@ -195,12 +195,14 @@ class Model(Conversation):
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         """Token ids of ``text``; BOS first when ``add_special`` and the model uses one."""
+        self._check_open()  # a closed llama.cpp model has freed its vocabulary
         if not isinstance(text, str):
             raise InvalidInputError(f"tokenize() takes a str, not {type(text).__name__}")
         return self.tokenizer.encode(text, add_special=add_special)
 
     def detokenize(self, ids: Sequence[int], skip_special: bool = False) -> str:
         """Text of token ``ids``."""
+        self._check_open()
         return self.tokenizer.decode(list(ids), skip_special=skip_special)
 
     # -- lifecycle ----------------------------------------------------------------------

@@ -63,6 +63,7 @@ class Conversation:
         decoding past end-of-sequence tokens (benchmarks that need a fixed number of tokens).
         """
         conv = self._conversation()
+        conv._check_open()
         t0 = time.perf_counter()
         ids = conv._prompt_ids(prompt)
         params = conv._params(temperature, top_k, top_p, min_p, repeat_penalty, seed)
@@ -87,6 +88,7 @@ class Conversation:
         characters and never contain (the start of) a matched stop string.
         """
         conv = self._conversation()
+        conv._check_open()
         t0 = time.perf_counter()
         ids = conv._prompt_ids(prompt)
         params = conv._params(temperature, top_k, top_p, min_p, repeat_penalty, seed)
@@ -129,6 +131,7 @@ class Conversation:
         the cache). With ``stream=True`` an iterator of text pieces is returned.
         """
         conv = self._conversation()
+        conv._check_open()
         t0 = time.perf_counter()
         ids, template = conv._chat_ids(messages, tools, max_tokens)
         params = conv._params(temperature, top_k, top_p, min_p, repeat_penalty, seed)

@@ -171,3 +171,13 @@ def test_restore_in_a_fresh_process_continues_identically(smollm2_gguf: Path, tm
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["tokens"] == expected and got["cached"] > 10  # the system prompt was not prefilled again
+
+
+def test_a_closed_model_and_its_sessions_refuse_calls(smollm2_gguf: Path) -> None:
+    m = edgellm.load(smollm2_gguf, device="cpu", n_ctx=64)
+    s = m.session()
+    m.close()
+    for call in (lambda: m.tokenize("hi"), lambda: m.detokenize([1, 2]), lambda: m.generate("hi"),
+                 lambda: s.generate("hi"), lambda: list(s.stream("hi")), lambda: m.session()):
+        with pytest.raises(errors.InvalidInputError, match="closed"):
+            call()

@@ -106,8 +106,18 @@ class LlamaCppTokenizer:
             return None
         return llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace")
 
+    def close(self) -> None:
+        """Forget the vocabulary (its model is being freed): later calls raise, never crash."""
+        self._vocab = None
+
+    def _live(self) -> Any:
+        if self._vocab is None:
+            raise InvalidInputError("this llama.cpp model is closed; load it again with edgellm.load()")
+        return self._vocab
+
     def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Token ids of ``text`` (BOS prepended when the model wants it and add_special)."""
+        self._live()
         data = text.encode("utf-8")
         n_max = len(data) + 8
         buf = (llama_cpp.llama_token * n_max)()
@@ -121,7 +131,7 @@ class LlamaCppTokenizer:
 
     def token_bytes(self, token: int) -> bytes:
         """Raw bytes of one token's piece (special tokens rendered as their text)."""
-        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, True)
+        n = llama_cpp.llama_token_to_piece(self._live(), token, self._buf, len(self._buf), 0, True)
         if n < 0:
             big = ctypes.create_string_buffer(-n)
             n = llama_cpp.llama_token_to_piece(self._vocab, token, big, -n, 0, True)
@@ -135,7 +145,7 @@ class LlamaCppTokenizer:
 
     def is_special(self, token: int) -> bool:
         """True for control tokens (BOS, EOS, chat markers)."""
-        return bool(llama_cpp.llama_vocab_is_control(self._vocab, token))
+        return bool(llama_cpp.llama_vocab_is_control(self._live(), token))
 
 
 def open_vocab(path: Path) -> LlamaCppTokenizer:
@@ -365,6 +375,7 @@ class LlamaCppEngine:
             for pool in self._pools:
                 pool.close()
             self._pools = []
+            self.tokenizer.close()
             if self._model is not None:
                 self._model.close()
             self._model = None
