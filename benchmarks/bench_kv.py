@@ -27,6 +27,7 @@ convert extras).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -273,10 +274,11 @@ def report(rows: dict[str, dict[str, Any]], tokens: int) -> str:
     from edgellm.profiling.machine import machine_info
 
     m = machine_info()
+    when = ", ".join(f"{b} {r['when']}" for b, r in rows.items())
     lines = [
         "## KV cache and sessions (benchmarks/bench_kv.py)",
         "",
-        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {m['cpu_model']}, "
+        f"Run {when} on {m['cpu_model']}, "
         f"{m['physical_cores']} cores, {m['total_ram_bytes'] / 2**30:.0f} GiB, {m['os']}, {m['python']}; "
         f"llama-cpp-python {m['packages'].get('llama_cpp')}, openvino {m['packages'].get('openvino')}, "
         f"onnxruntime {m['packages'].get('onnxruntime')}.",
@@ -365,24 +367,34 @@ def write_section(section: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+def _rows_file() -> Path:
+    return Path(os.environ.get("EDGELLM_CACHE", "~/.cache/edgellm")).expanduser() / "bench" / "kv-rows.json"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backends", default="llamacpp,openvino,onnxruntime")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved sliding / plain runs (medians)")
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="threads per run (default 1: on a shared 2-core machine 2 spinning threads "
-        "collapse to a tenth of their speed; see DESIGN.md)",
-    )
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads per run (default 1: on a shared 2-core machine 2 spinning threads "
+                         "collapse to a tenth of their speed; see DESIGN.md)")
+    ap.add_argument("--keep", action="store_true",
+                    help="also report the other backends' rows kept from earlier runs on this host "
+                         f"({_rows_file()})")
     args = ap.parse_args()
     backends = [b for b in args.backends.split(",") if b]
     os.environ["EDGELLM_BENCH_THREADS"] = str(args.threads)  # the child processes read it
     paths = artifacts(backends)
-    rows = {b: measure(b, paths[b], args.tokens, args.repeats) for b in backends}
-    section = report(rows, args.tokens)
+    rows_file = _rows_file()
+    kept = json.loads(rows_file.read_text()) if args.keep and rows_file.is_file() else {}
+    for b in backends:
+        kept[b] = {**measure(b, paths[b], args.tokens, args.repeats),
+                   "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        rows_file.parent.mkdir(parents=True, exist_ok=True)
+        rows_file.write_text(json.dumps(kept, indent=1))
+    order = [b for b in ("llamacpp", "openvino", "onnxruntime") if b in kept]
+    section = report({b: kept[b] for b in order}, args.tokens)
     print(section)
     write_section(section)
 
