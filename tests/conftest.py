@@ -37,6 +37,9 @@ if str(_REPO_ROOT) not in sys.path:  # so `tests.fixtures` and `edgellm` import 
 # After the environment variables above and the sys.path insert: keep this order.
 from tests.fixtures import require, smollm2, tiny_models  # noqa: E402
 
+# Tiers: each test is "unit" or "real" by what it uses; unit runs first (tests/fixtures/tiers.py).
+pytest_plugins = ["tests.fixtures.tiers"]
+
 _CONVERT_STACK = ("torch", "transformers", "safetensors")
 _SHARD_SIZE = "200KB"  # a tiny model is ~0.7 MB in float32: this gives several shards
 
