@@ -276,19 +276,6 @@ class Decoder:
 
     # The methods below run with self.lock held.
 
-    def _evict_state(self, n_drop: int) -> None:
-        """Drop ``n_drop`` tokens after the sinks from the cache (shift, or trim and re-prefill)."""
-        sinks, state = self.policy.sinks, self._state
-        n_drop = min(n_drop, len(state) - sinks)
-        kept = state[:sinks] + state[sinks + n_drop:]
-        if self.session.cache.can(KVAbility.SHIFT):
-            self.session.shift(sinks, n_drop)
-        else:
-            self.session.trim(sinks)
-            if len(kept) > sinks:
-                self.session.forward(kept[sinks:])
-        self._state = kept
-
     def _sync(self, owner: Generation, view: list[int]) -> tuple[np.ndarray, int]:
         """Make the KV cache hold ``view`` reusing the longest common prefix; last logits."""
         sess, state = self.session, self._state
@@ -326,20 +313,30 @@ class Decoder:
     def _evict(self, owner: Generation, view: list[int]) -> tuple[list[int], np.ndarray, int]:
         """Sliding: drop half the tokens after the sinks; the new view, its logits, how many dropped.
 
-        ``view`` ends with the token to evaluate next and is one longer than the cache. The
-        cache is shifted in place where the backend can, else trimmed to the sinks and the
-        kept tokens are re-prefilled (by :meth:`_sync`).
+        ``view`` ends with the token to evaluate next and is one longer than the cache.
         """
         sinks = self.policy.sinks
         n_drop = self.policy.discard(len(view) - 1)
         kept = view[:sinks] + view[sinks + n_drop:]
-        state = self._state
-        can_shift = self.session.cache.can(KVAbility.SHIFT)
-        if can_shift and self._owner is owner and state == view[:-1] and self.session.n_past == len(state):
-            self.session.shift(sinks, n_drop)
-            del state[sinks:sinks + n_drop]
+        if self._owner is owner and self._state == view[:-1] and self.session.n_past == len(self._state):
+            self._evict_state(n_drop)
             return kept, self._step(owner, kept), n_drop
-        return kept, self._sync(owner, kept)[0], n_drop
+        return kept, self._sync(owner, kept)[0], n_drop  # someone else used the session: rebuild
+
+    def _evict_state(self, n_drop: int) -> None:
+        """Drop ``n_drop`` tokens after the sinks from the cache: a shift where the backend can,
+        else a trim to the sinks and a re-prefill of the kept tokens at their new positions."""
+        sinks, state = self.policy.sinks, self._state
+        n_drop = min(n_drop, len(state) - sinks)
+        kept = state[:sinks] + state[sinks + n_drop:]
+        if self.session.cache.can(KVAbility.SHIFT):
+            self.session.shift(sinks, n_drop)
+        else:
+            self.session.trim(sinks)
+            del state[sinks:]
+            if len(kept) > sinks:
+                self.session.forward(kept[sinks:])
+        self._state = kept
 
 
 def _logsumexp(rows: np.ndarray) -> np.ndarray:
