@@ -625,8 +625,8 @@ def test_sessions_from_threads_match_alone(onnx_dir) -> None:
     session_checks.check_threads_match_alone(_ort_loader(onnx_dir("llama")))
 
 
-def test_sliding_re_prefills(onnx_dir) -> None:
-    assert not session_checks.check_sliding(_ort_loader(onnx_dir("llama")))["shift"]
+def test_sliding_shifts(onnx_dir) -> None:
+    assert session_checks.check_sliding(_ort_loader(onnx_dir("llama")))["shift"]  # keys re-rotated
 
 
 def test_save_restore(onnx_dir, tmp_path: Path) -> None:
@@ -642,3 +642,7 @@ def test_kv_precision_must_match_the_graph(onnx_dir, llama_f16: Path) -> None:
         edgellm.load(onnx_dir("llama"), backend="onnxruntime", device="cpu", kv_precision="fp16")
     with edgellm.load(llama_f16, backend="onnxruntime", device="cpu", kv_precision="f16", n_ctx=32) as m:
         assert m.info()["kv_bytes_per_token"] == 2 * 2 * 2 * 2 * 16 * 2  # banks, K/V, layers, heads, dim, f16
+
+
+def test_sliding_shift_matches_llamacpp(onnx_dir, tiny_model, tmp_path: Path) -> None:
+    session_checks.check_shift_matches_llamacpp(_ort_loader(onnx_dir("llama")), tiny_model("llama"), tmp_path)

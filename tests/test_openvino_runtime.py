@@ -477,8 +477,8 @@ def test_sessions_from_threads_match_alone(ov_export, cache_dir: Path) -> None:
     session_checks.check_threads_match_alone(_ov_loader(ov_export("llama"), cache_dir))
 
 
-def test_sliding_re_prefills(ov_export, cache_dir: Path) -> None:
-    assert not session_checks.check_sliding(_ov_loader(ov_export("llama"), cache_dir))["shift"]
+def test_sliding_shifts(ov_export, cache_dir: Path) -> None:
+    assert session_checks.check_sliding(_ov_loader(ov_export("llama"), cache_dir))["shift"]  # re-rotated
 
 
 def test_save_restore(ov_export, cache_dir: Path, tmp_path: Path) -> None:
@@ -498,3 +498,8 @@ def test_kv_precision_u8_and_held_bytes(ov_export, cache_dir: Path) -> None:
         assert s.cache.n_tokens == len(PROMPT_IDS) + 2 and s.cache.held_bytes() > 0
         s._backend.trim(4)  # cutting u8 states works too
         assert s._backend.n_past == 4
+
+
+def test_sliding_shift_matches_llamacpp(ov_export, cache_dir: Path, tiny_model, tmp_path: Path) -> None:
+    loader = _ov_loader(ov_export("llama"), cache_dir)
+    session_checks.check_shift_matches_llamacpp(loader, tiny_model("llama"), tmp_path)

@@ -15,7 +15,6 @@ graph for that architecture expects (llama.cpp ``convert_hf_to_gguf.py`` and
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -75,25 +74,12 @@ def _no_hparams(writer: Any, cfg: Config, spec: ModelSpec) -> None:
 
 def _llama3_rope_freqs(cfg: Config, spec: ModelSpec) -> list[tuple[str, np.ndarray]]:
     """llama.cpp's ``rope_freqs`` tensor for Llama 3.1+ RoPE scaling (llama.py, same math)."""
+    from edgellm.kvcache.rope import llama3_factors
+
     rope = cfg.get("rope_scaling") or {}
     if str(rope.get("rope_type", rope.get("type", ""))).lower() != "llama3":
         return []
-    base, dim = spec.rope_theta, spec.head_dim
-    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-    factor = rope.get("factor", 8.0)
-    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
-    old_ctx = rope.get("original_max_position_embeddings", 8192)
-    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-    factors = []
-    for freq in freqs:
-        wavelen = 2 * math.pi / freq
-        if wavelen < high_wavelen:
-            factors.append(1.0)
-        elif wavelen > low_wavelen:
-            factors.append(factor)
-        else:
-            smooth = (old_ctx / wavelen - low) / (high - low)
-            factors.append(1 / ((1 - smooth) / factor + smooth))
+    factors = llama3_factors(rope, spec.rope_theta, spec.head_dim)
     return [("rope_freqs.weight", np.asarray(factors, dtype=np.float32))]
 
 

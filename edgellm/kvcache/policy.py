@@ -16,11 +16,17 @@
   the rendered conversation leaves room for the reply; a raw prompt keeps its sinks and its
   newest tokens. Generation stops at the end of the cache, like ``error``.
 
-How an eviction is carried out depends on the backend's abilities (``KVAbility``): a
-backend that can shift (llama.cpp: ``llama_memory_seq_rm`` + ``llama_memory_seq_add``, which
-re-applies RoPE to the moved keys) moves its cache in place; the others are trimmed to the
-sinks and re-prefilled with the kept tokens at their new positions. Both give every kept key
-the position it now has, so RoPE stays consistent.
+How an eviction is carried out depends on the session's abilities (``KVAbility``). With
+``SHIFT`` the cache is moved: llama.cpp by ``llama_memory_seq_rm`` + ``llama_memory_seq_add``
+(its K-shift re-applies RoPE to the moved keys), OpenVINO and ONNX Runtime by edgellm's own
+rotation of the cached keys (:mod:`edgellm.kvcache.rope`). Without it (RoPE that depends on
+the sequence length) the cache is trimmed to the sinks and the kept tokens are re-prefilled
+at their new positions. Chosen by measurement (``benchmarks/bench_kv.py``, SmolLM2 int4 on
+OpenVINO, 512-token window): re-prefilling ~254 tokens per eviction made RSS grow 40 MiB past
+the first 512 tokens, 3.6x the 11 MiB budget, because the re-prefill allocates a prompt's
+activations (OpenVINO's graph computes logits for every position); rotating the states in
+place allocates one layer's tensor at a time. On a tiny Llama the rotated cache scores a text
+like llama.cpp's K-shift (max |d logprob| 0.015) where re-prefilling differs by 0.32.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ exceed the session's capacity: a prompt that leaves no room for even one token r
 :class:`~edgellm.errors.ContextOverflowError` (``truncate`` shortens it first), and
 ``max_tokens`` is clamped to the room left (``finish_reason="length"``). Under ``sliding``
 the cache keeps its sinks and drops half of the rest when full, and generation goes on: by
-a shift of the cache where the backend can (:attr:`KVAbility.SHIFT`), otherwise by
+a shift of the cache where the session can (:attr:`KVAbility.SHIFT`), otherwise by
 trimming to the sinks and re-prefilling the kept tokens.
 
 Threads: one :class:`Decoder` serialises its session's calls with a lock held per forward

@@ -54,6 +54,7 @@ from edgellm.errors import (
 )
 from edgellm.kvcache import KVAbility, KVCache
 from edgellm.kvcache.arrays import pack_arrays, unpack_arrays
+from edgellm.kvcache.rope import rotate_keys, shift_frequencies
 from edgellm.runtimes.base import RuntimeOptions, file_fingerprint
 from edgellm.runtimes.onnx_files import _SUBMESSAGES, ExternalData, external_data_files  # noqa: F401
 from edgellm.spec import ModelSpec
@@ -223,6 +224,10 @@ class _KVSlot:
     heads: int
     head_dim: int
 
+    @property
+    def is_key(self) -> bool:
+        return self.past.endswith(".key")
+
     def elements(self, positions: int) -> int:
         return self.heads * positions * self.head_dim
 
@@ -243,6 +248,7 @@ class ORTEngine:
         self.external_data = external_data_files(self.path)
         folder = self.path.parent
         self.spec = ModelSpec.from_hf_dir(folder)
+        self.rope_omega = shift_frequencies(self.spec)  # None: sliding re-prefills
         self.tokenizer = HFTokenizer.from_dir(folder)
         self.device = options.device
         self.requested_providers = select_providers(
@@ -419,8 +425,9 @@ class ORTSession:
         self._binding = e._session.io_binding()
         self._past = 0
         self._bank = 0  # which of the two buffers of each KV tensor holds the past
-        self.cache = KVCache(n_ctx, e.kv_bytes_per_token(), e.kv_precision,
-                             frozenset({KVAbility.TRIM, KVAbility.SNAPSHOT}),
+        abilities = frozenset(KVAbility) if e.rope_omega is not None else \
+            frozenset({KVAbility.TRIM, KVAbility.SNAPSHOT})
+        self.cache = KVCache(n_ctx, e.kv_bytes_per_token(), e.kv_precision, abilities,
                              self._held_bytes, lambda: self._past)
 
     def _held_bytes(self) -> int:
@@ -498,8 +505,18 @@ class ORTSession:
         self._past = n_keep
 
     def shift(self, start: int, n_discard: int) -> None:
-        """Not available: the keys in the buffers are already rotated (the loop re-prefills)."""
-        raise BackendError("the ONNX Runtime backend cannot shift its KV cache; the loop re-prefills instead")
+        """Drop positions ``[start, start + n_discard)``: the rest is re-laid into the other buffer,
+        later keys re-rotated to their new positions (:mod:`edgellm.kvcache.rope`)."""
+        omega = self._engine.rope_omega
+        if omega is None:
+            raise BackendError(f"{self._engine.path}: this model's RoPE cannot be shifted; re-prefill")
+        past, n = self._past, n_discard
+        held, dst = self._views(self._bank, past), self._views(1 - self._bank, past - n)
+        for slot, src, out in zip(self._engine.slots, held, dst, strict=True):
+            out[:, :start] = src[:, :start]
+            moved = src[:, start + n:]
+            out[:, start:] = rotate_keys(moved, -n, omega) if slot.is_key else moved
+        self._bank, self._past = 1 - self._bank, past - n
 
     def save_state(self) -> bytes:
         """The filled part of every KV tensor, named by its graph input."""

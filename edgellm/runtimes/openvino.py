@@ -37,6 +37,7 @@ from edgellm.errors import (
 )
 from edgellm.kvcache import KV_PRECISIONS, KVAbility, KVCache
 from edgellm.kvcache.arrays import pack_arrays, unpack_arrays
+from edgellm.kvcache.rope import shift_frequencies, shift_positions
 from edgellm.runtimes.base import RuntimeOptions, file_fingerprint
 from edgellm.spec import ModelSpec
 from edgellm.text.tokenizer import HFTokenizer
@@ -228,6 +229,7 @@ class OpenVINOEngine:
         self._check_files(self.path)
         folder = self.path.parent
         self.spec = ModelSpec.from_hf_dir(folder)
+        self.rope_omega = shift_frequencies(self.spec)  # None: sliding re-prefills
         self.kv_precision = options.kv_precision or "f16"
         # the tokenizer parses while OpenVINO compiles (both release the GIL): half a cached load
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -408,8 +410,11 @@ class OpenVINOSession:
         self._request = request
         self.n_ctx = n_ctx
         self._ids: list[int] = []  # token ids currently in the state (an NPU trim re-feeds them)
-        abilities = frozenset({KVAbility.TRIM}) if engine.npu is not None else \
-            frozenset({KVAbility.TRIM, KVAbility.SNAPSHOT})
+        abilities = frozenset({KVAbility.TRIM, KVAbility.SNAPSHOT})
+        if engine.npu is not None:
+            abilities = frozenset({KVAbility.TRIM})
+        elif engine.rope_omega is not None:
+            abilities = frozenset(KVAbility)
         self.cache = KVCache(n_ctx, engine.kv_bytes_per_token(), engine.kv_precision, abilities,
                              self._held_bytes, lambda: len(self._ids))
 
@@ -501,8 +506,18 @@ class OpenVINOSession:
         del self._ids[n_keep:]
 
     def shift(self, start: int, n_discard: int) -> None:
-        """Not available: the keys in OpenVINO's state are already rotated (the loop re-prefills)."""
-        raise BackendError("the OpenVINO backend cannot shift its KV cache; the loop re-prefills instead")
+        """Drop positions ``[start, start + n_discard)`` from every state, later keys re-rotated
+        to their new positions (:mod:`edgellm.kvcache.rope`), one state tensor at a time."""
+        omega = self._engine.rope_omega
+        if omega is None or self._engine.npu is not None:
+            raise BackendError(f"{self._engine.path}: this model's KV cache cannot be shifted; re-prefill")
+        past = len(self._ids)
+        for st in self._request.query_state():
+            data = st.state.data
+            moved = shift_positions(data, _seq_axis(data.shape, past), start, n_discard, past,
+                                    ".key" in st.name, omega)
+            st.state = ov.Tensor(np.ascontiguousarray(moved))
+        del self._ids[start:start + n_discard]
 
     def save_state(self) -> bytes:
         """The state tensors, each as a raw array (names, shapes and types in a small header)."""
