@@ -259,10 +259,8 @@ def _median_run(path: Path, backend: str, tokens: int, repeats: int) -> dict[str
     """Sliding and never-evicting runs, interleaved, ``repeats`` each: medians (the RSS growth: the worst)."""
     runs: dict[str, list[dict[str, float]]] = {"sliding": [], "plain": []}
     for _ in range(repeats):
-        runs["sliding"].append(run_in_child("bench_kv", "budget_run", path, backend, tokens, 512, True))
-        runs["plain"].append(
-            run_in_child("bench_kv", "budget_run", path, backend, tokens, tokens + 64, False)
-        )
+        runs["sliding"].append(watched_budget_run(path, backend, tokens, 512, True))
+        runs["plain"].append(watched_budget_run(path, backend, tokens, tokens + 64, False))
     out = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
     out["sliding"]["rss_growth_after"] = max(r["rss_growth_after"] for r in runs["sliding"])
     return out
