@@ -26,7 +26,8 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
-os.environ.setdefault("OMP_NUM_THREADS", "2")  # the test machines have 2 cores
+os.environ.setdefault("EDGELLM_THREADS", "1")  # see tests/fixtures/__init__.py
+os.environ.setdefault("OMP_NUM_THREADS", os.environ["EDGELLM_THREADS"])
 
 import pytest
 

@@ -13,11 +13,12 @@ import pytest
 import edgellm
 from edgellm import errors
 from edgellm.runtimes.base import Runtime, RuntimeOptions, open_runtime
+from tests.fixtures import TEST_THREADS
 
 
 @pytest.fixture(scope="module")
 def model(smollm2_gguf: Path):
-    with edgellm.load(smollm2_gguf, n_ctx=512, threads=2) as m:
+    with edgellm.load(smollm2_gguf, n_ctx=512, threads=TEST_THREADS) as m:
         yield m
 
 

@@ -31,7 +31,7 @@ import pytest
 import edgellm
 from edgellm import errors
 from edgellm.runtimes.base import Runtime, RuntimeOptions, get_backend
-from tests.fixtures import require, tiny_models, top_modules_after
+from tests.fixtures import TEST_THREADS, require, tiny_models, top_modules_after
 
 require("openvino", "optimum.intel")
 
@@ -86,7 +86,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _open(folder: Path, cache_dir: Path, **extra: object) -> ovrt.OpenVINORuntime:
     extra = {"precision": "f32", "cache_dir": str(cache_dir), **extra}
-    return ovrt.open(folder / "openvino_model.xml", RuntimeOptions(threads=2, extra=extra))
+    return ovrt.open(folder / "openvino_model.xml", RuntimeOptions(threads=TEST_THREADS, extra=extra))
 
 
 def _sdpa_reference(hf_dir: Path, ids: list[int]) -> np.ndarray:
@@ -190,7 +190,7 @@ def test_protocol_info_and_context_limit(ov_export, cache_dir: Path) -> None:
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
 def test_load_generate_is_greedy_argmax(arch: str, ov_export, cache_dir: Path) -> None:
     folder = ov_export(arch)
-    with edgellm.load(folder, backend="openvino", threads=2, precision="f32",
+    with edgellm.load(folder, backend="openvino", threads=TEST_THREADS, precision="f32",
                       kv_cache_precision="f32", cache_dir=str(cache_dir)) as model:
         assert model.info()["backend"] == "openvino"
         result = model.generate(PROMPT_IDS[:6], max_tokens=6, temperature=0, ignore_eos=True)
