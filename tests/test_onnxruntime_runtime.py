@@ -38,7 +38,7 @@ from edgellm.runtimes.base import (
     get_backend,
     select_backend,
 )
-from tests.fixtures import require, session_checks, tiny_models, top_modules_after
+from tests.fixtures import TEST_THREADS, require, session_checks, tiny_models, top_modules_after
 
 require("onnxruntime", "onnx", "optimum.exporters.onnx")
 
@@ -89,7 +89,8 @@ def llama_external(onnx_dir, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _open(folder: Path, **kw: object) -> OneSession:
     extra = kw.pop("extra", {})
-    options = RuntimeOptions(threads=2, extra=extra, **kw)  # type: ignore[arg-type]
+    kw.setdefault("threads", TEST_THREADS)
+    options = RuntimeOptions(extra=extra, **kw)  # type: ignore[arg-type]
     return OneSession(ortrt.open(folder / "model.onnx", options))
 
 
@@ -214,7 +215,7 @@ def test_kv_buffers_are_fixed_and_bound_in_place(onnx_dir) -> None:
 
 
 def test_protocol_info_and_context_limit(onnx_dir) -> None:
-    rt = _open(onnx_dir("llama"), n_ctx=8)
+    rt = _open(onnx_dir("llama"), n_ctx=8, threads=2)  # not TEST_THREADS: the option must win
     try:
         assert isinstance(rt.engine, Engine) and isinstance(rt.session, BackendSession)
         info = rt.info()
@@ -268,7 +269,7 @@ def test_external_data_loads_and_matches(llama_external: Path, onnx_dir) -> None
     found = [(r.tensor, r.location, r.offset, r.length)
              for r in ortrt.external_data_files(llama_external / "model.onnx")]
     assert found == expected and len(found) == len(model.graph.initializer)
-    with edgellm.load(llama_external, backend="onnxruntime", threads=2) as m:
+    with edgellm.load(llama_external, backend="onnxruntime", threads=TEST_THREADS) as m:
         assert m.info()["external_data"] == [onnx_export.DATA_FILE]
         got = m.session()._backend.forward(PROMPT_IDS, all_logits=True)
     single = _open(onnx_dir("llama"))
@@ -336,14 +337,14 @@ def test_external_data_scan_walks_every_message_that_can_hold_a_tensor() -> None
 
 @pytest.mark.parametrize("arch", ["llama", "phi3", "gemma2"])
 def test_load_generate_is_pytorch_greedy(arch: str, onnx_dir, tiny_model) -> None:
-    with edgellm.load(onnx_dir(arch), backend="onnxruntime", threads=2) as model:
+    with edgellm.load(onnx_dir(arch), backend="onnxruntime", threads=TEST_THREADS) as model:
         assert model.info()["backend"] == "onnxruntime" and model.info()["format"] == "onnx"
         result = model.generate(PROMPT_IDS[:6], max_tokens=6, temperature=0, ignore_eos=True)
     assert result.tokens == tiny_models.reference_greedy(tiny_model(arch), PROMPT_IDS[:6], 6)
 
 
 def test_load_chat_and_stream(onnx_dir) -> None:
-    with edgellm.load(onnx_dir("qwen3"), backend="onnxruntime", threads=2) as model:
+    with edgellm.load(onnx_dir("qwen3"), backend="onnxruntime", threads=TEST_THREADS) as model:
         reply = model.chat([{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0)
         assert 1 <= reply.completion_tokens <= 5 and isinstance(reply.text, str)
         again = model.chat([{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0)
@@ -356,7 +357,7 @@ def test_load_chat_and_stream(onnx_dir) -> None:
 def test_runtime_imports_no_torch_transformers_optimum_or_onnx(onnx_dir) -> None:
     code = (
         "import sys, edgellm\n"
-        f"m = edgellm.load({str(onnx_dir('llama'))!r}, backend='onnxruntime', threads=2)\n"
+        f"m = edgellm.load({str(onnx_dir('llama'))!r}, backend='onnxruntime', threads={TEST_THREADS})\n"
         "r = m.generate('def greet', max_tokens=3, temperature=0)\n"
         "assert r.completion_tokens >= 1\n"
     )
@@ -617,7 +618,7 @@ def test_every_onnxruntime_exception_is_mapped(tmp_path: Path) -> None:
 
 def _ort_loader(folder: Path):  # type: ignore[no-untyped-def]
     def load(**kw: object):  # type: ignore[no-untyped-def]
-        return edgellm.load(folder, backend="onnxruntime", device="cpu", threads=2, **kw)
+        return edgellm.load(folder, backend="onnxruntime", device="cpu", threads=TEST_THREADS, **kw)
     return load
 
 

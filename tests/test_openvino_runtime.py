@@ -31,7 +31,7 @@ import pytest
 import edgellm
 from edgellm import errors
 from edgellm.runtimes.base import BackendSession, Engine, OneSession, RuntimeOptions, get_backend
-from tests.fixtures import require, session_checks, tiny_models, top_modules_after
+from tests.fixtures import TEST_THREADS, require, session_checks, tiny_models, top_modules_after
 
 require("openvino", "optimum.intel")
 
@@ -86,7 +86,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _open(folder: Path, cache_dir: Path, kv_precision: str | None = None, **extra: object) -> OneSession:
     extra = {"precision": "f32", "cache_dir": str(cache_dir), **extra}
-    options = RuntimeOptions(threads=2, kv_precision=kv_precision, extra=extra)
+    options = RuntimeOptions(threads=TEST_THREADS, kv_precision=kv_precision, extra=extra)
     return OneSession(ovrt.open(folder / "openvino_model.xml", options))
 
 
@@ -191,7 +191,7 @@ def test_protocol_info_and_context_limit(ov_export, cache_dir: Path) -> None:
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
 def test_load_generate_is_greedy_argmax(arch: str, ov_export, cache_dir: Path) -> None:
     folder = ov_export(arch)
-    with edgellm.load(folder, backend="openvino", threads=2, precision="f32",
+    with edgellm.load(folder, backend="openvino", threads=TEST_THREADS, precision="f32",
                       kv_precision="f32", cache_dir=str(cache_dir)) as model:
         assert model.info()["backend"] == "openvino"
         result = model.generate(PROMPT_IDS[:6], max_tokens=6, temperature=0, ignore_eos=True)
@@ -468,7 +468,7 @@ def test_compiled_cache_is_per_model_files(ov_export, tmp_path: Path, cache_dir:
 
 def _ov_loader(folder: Path, cache_dir: Path):  # type: ignore[no-untyped-def]
     def load(**kw: object):  # type: ignore[no-untyped-def]
-        return edgellm.load(folder, backend="openvino", device="cpu", threads=2, precision="f32",
+        return edgellm.load(folder, backend="openvino", device="cpu", threads=TEST_THREADS, precision="f32",
                             kv_precision="f32", cache_dir=str(cache_dir), **kw)
     return load
 

@@ -551,17 +551,9 @@ TOLERANCE = 0.15
 
 
 @pytest.fixture(scope="module")
-def smollm2_artifact(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    root = tmp_path_factory.mktemp("planner-smollm2")
-    made: dict[tuple[str, str], Path] = {}
-
-    def get(fmt: str, quant: str) -> Path:
-        if (fmt, quant) not in made:
-            made[fmt, quant] = edgellm.convert(smollm2_hf, root / f"{fmt}-{quant}", format=fmt, quant=quant,
-                                               verify=False).path
-        return made[fmt, quant]
-
-    return get
+def smollm2_artifact(smollm2_converted: Any) -> Any:
+    """``smollm2_artifact(fmt, quant) -> folder``: the session's shared SmolLM2 conversion."""
+    return lambda fmt, quant: smollm2_converted(fmt, quant).path
 
 
 def _filling_prompt(hf_dir: Path, n_tokens: int) -> str:

@@ -16,16 +16,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def artifacts(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("smollm2")
-    cache: dict[str, edgellm.artifact.Artifact] = {}
-
-    def get(quant: str):
-        if quant not in cache:
-            cache[quant] = edgellm.convert(smollm2_hf, root / quant, quant=quant)
-        return cache[quant]
-
-    return get
+def artifacts(smollm2_converted):
+    """``artifacts(quant)``: SmolLM2 as GGUF, parity measured (converted once per session)."""
+    return lambda quant: smollm2_converted("gguf", quant)
 
 
 def test_f32_reproduces_transformers_greedy_tokens(artifacts) -> None:

@@ -47,9 +47,8 @@ def corpus() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def smollm2_f16(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tok") / "smollm2-f16"
-    return edgellm.convert(smollm2_hf, out, quant="F16", verify=False).model_file
+def smollm2_f16(smollm2_converted) -> Path:
+    return smollm2_converted("gguf", "F16").model_file
 
 
 def _compare(gguf_file: Path, tokenizer_json: Path) -> list[tuple[str, list[int], list[int]]]:

@@ -80,8 +80,10 @@ class _Reference:
             from transformers import AutoModelForCausalLM
         except ImportError:
             raise MissingDependencyError("transformers", "convert", "parity verification") from None
+        from edgellm.runtimes.base import env_threads
+
         self.torch = torch
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        torch.set_num_threads(env_threads() or max(1, os.cpu_count() or 1))
         # eager attention is the model's reference math: SDPA skips Gemma 2's soft-capping
         self.model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch.float32, attn_implementation="eager"

@@ -64,9 +64,27 @@ __all__ = [
 DEVICES = ("cpu", "gpu", "npu", "auto")
 
 
+#: Environment variable: the thread count when the caller gives none. On a device shared with
+#: other busy processes, spinning thread pools collapse (DESIGN.md: llama.cpp at 2 threads beside
+#: one busy process, 11 tokens/s; at 1 thread, 85); EDGELLM_THREADS=1 says so once per process.
+THREADS_ENV = "EDGELLM_THREADS"
+
 #: Default context cap when the caller gives none: trained contexts can be 128k tokens,
 #: and a KV cache that large does not fit a small device.
 DEFAULT_MAX_CTX = 4096
+
+
+def env_threads() -> int | None:
+    """``$EDGELLM_THREADS`` as a thread count, or None when it is unset or empty."""
+    import os
+
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise InvalidInputError(f"{THREADS_ENV}={raw!r} is not a thread count; set a positive integer "
+                                f"(1 on a device shared with other busy work) or unset it")
+    return int(raw)
 
 
 @dataclass(frozen=True)
@@ -86,12 +104,13 @@ class RuntimeOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def thread_count(self) -> int:
-        """``threads``, or the physical core count (hyper-threads slow matmul-bound decoding)."""
+        """``threads``, else ``$EDGELLM_THREADS``, else the physical core count (hyper-threads
+        slow matmul-bound decoding)."""
         import os
 
         import psutil
 
-        return self.threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        return self.threads or env_threads() or psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
     def context_for(self, spec: ModelSpec) -> int:
         """``n_ctx``, or the model's trained context capped at :data:`DEFAULT_MAX_CTX`."""
