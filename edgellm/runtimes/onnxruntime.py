@@ -53,7 +53,7 @@ from edgellm.errors import (
     one_line,
 )
 from edgellm.kvcache import KVAbility, KVCache
-from edgellm.kvcache.arrays import pack_arrays, unpack_arrays
+from edgellm.kvcache.arrays import pack_arrays, release_freed_memory, unpack_arrays
 from edgellm.kvcache.rope import rotate_keys, shift_frequencies
 from edgellm.runtimes.base import RuntimeOptions, file_fingerprint
 from edgellm.runtimes.onnx_files import _SUBMESSAGES, ExternalData, external_data_files  # noqa: F401
@@ -517,6 +517,7 @@ class ORTSession:
             moved = src[:, start + n:]
             out[:, start:] = rotate_keys(moved, -n, omega) if slot.is_key else moved
         self._bank, self._past = 1 - self._bank, past - n
+        release_freed_memory()
 
     def save_state(self) -> bytes:
         """The filled part of every KV tensor, named by its graph input."""

@@ -36,7 +36,7 @@ from edgellm.errors import (
     SessionStateError,
 )
 from edgellm.kvcache import KV_PRECISIONS, KVAbility, KVCache
-from edgellm.kvcache.arrays import pack_arrays, unpack_arrays
+from edgellm.kvcache.arrays import pack_arrays, release_freed_memory, unpack_arrays
 from edgellm.kvcache.rope import shift_frequencies, shift_positions
 from edgellm.runtimes.base import RuntimeOptions, file_fingerprint
 from edgellm.spec import ModelSpec
@@ -504,6 +504,7 @@ class OpenVINOSession:
             axis = _seq_axis(data.shape, past)
             st.state = ov.Tensor(np.ascontiguousarray(np.take(data, range(n_keep), axis=axis)))
         del self._ids[n_keep:]
+        release_freed_memory()
 
     def shift(self, start: int, n_discard: int) -> None:
         """Drop positions ``[start, start + n_discard)`` from every state, later keys re-rotated
@@ -518,6 +519,7 @@ class OpenVINOSession:
                                     ".key" in st.name, omega)
             st.state = ov.Tensor(np.ascontiguousarray(moved))
         del self._ids[start:start + n_discard]
+        release_freed_memory()  # the state copies would otherwise stay in the heap
 
     def save_state(self) -> bytes:
         """The state tensors, each as a raw array (names, shapes and types in a small header)."""
