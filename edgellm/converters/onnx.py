@@ -55,7 +55,8 @@ from edgellm.errors import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BLOCK_SIZES", "ONNX_QUANTS", "OnnxRecipe", "convert_to_onnx", "onnx_recipe"]
+__all__ = ["BLOCK_SIZES", "EXPORTERS", "ONNX_QUANTS", "OnnxRecipe", "choose_exporter", "convert_to_onnx",
+           "onnx_recipe"]
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -275,22 +276,49 @@ def _count_ops(path: Path) -> dict[str, int]:
     return {k: counts[k] for k in keys if k in counts}
 
 
+#: ``exporter=`` names: edgellm's graph builder (the default where it covers the model) or optimum.
+EXPORTERS = ("builder", "optimum")
+
+
+def choose_exporter(exporter: str | None, spec: Any, quant: str, cfg: dict[str, Any] | None) -> str:
+    """The exporter to use: the one asked for, else the builder where it covers the model."""
+    from edgellm.converters.onnx_builder import builder_refusals
+
+    if exporter is not None and exporter not in EXPORTERS:
+        raise InvalidInputError(f"unknown ONNX exporter {exporter!r}; use one of: {', '.join(EXPORTERS)}")
+    refused = builder_refusals(spec, quant, cfg)
+    if exporter == "builder" and refused:
+        raise InvalidInputError(f"--exporter builder cannot write this model: {'; '.join(refused)}")
+    if exporter is None and refused:
+        logger.info("ONNX builder not used (%s); exporting with optimum", "; ".join(refused))
+    return exporter or ("optimum" if refused else "builder")
+
+
 def convert_to_onnx(
     src: Path, output: Path, quant: str = "fp32", *, force: bool = False, allow_pickle: bool = False,
     verify: bool = True, reference: Path | None = None, prompts: list[str] | None = None,
     progress: ProgressFn | None = None, block_size: int | None = None, sym: bool | None = None,
-    accuracy_level: int | None = None,
+    accuracy_level: int | None = None, exporter: str | None = None,
 ) -> Artifact:
     """Export a HF checkpoint folder or GGUF file to an ONNX decoder folder ``output``.
 
-    A GGUF source is dequantized first; parity is then measured against that checkpoint
-    unless ``reference`` names another one. ``block_size``, ``sym`` and ``accuracy_level``
-    tune int4/int8 MatMulNBits (defaults: 32, asymmetric, 4).
+    ``exporter``: "builder" (edgellm's fused graph, no torch; the default wherever it covers
+    the architecture and quantization) or "optimum" (the traced export below). A GGUF source
+    is dequantized first; parity is then measured against that checkpoint unless
+    ``reference`` names another one. ``block_size``, ``sym`` and ``accuracy_level`` tune
+    int4/int8 MatMulNBits (defaults: 32, asymmetric, 4).
     """
     from edgellm.converters.source import open_source
+    from edgellm.spec import read_hf_config
 
     source = open_source(src, allow_pickle=allow_pickle)
     recipe = onnx_recipe(quant, block_size=block_size, sym=sym, accuracy_level=accuracy_level)
+    cfg = read_hf_config(source.path) if source.kind == "hf" else None
+    if choose_exporter(exporter, source.spec, recipe.quant, cfg) == "builder":
+        from edgellm.converters.onnx_builder import convert_with_builder
+
+        return convert_with_builder(source, output, recipe, force=force, verify=verify, reference=reference,
+                                    prompts=prompts, progress=progress)
     started = time.perf_counter()
     with Staging(output, force=force) as stage:
         hf_dir = source.hf_dir(stage.path, progress)
@@ -321,6 +349,7 @@ def convert_to_onnx(
             "format": Format.ONNX.value,
             "files": {"model": MODEL_FILE, "weights": files[1:], "tokenizer": copied},
             "quantization": recipe.quant,
+            "exporter": "optimum",
             "recipe": recipe.to_dict(),
             "operators": _count_ops(model_path),
             **source.manifest_common(),

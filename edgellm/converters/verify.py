@@ -175,12 +175,13 @@ PARITY_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def _open(model_file: Path, fmt: str) -> Any:
+def _open(model_file: Path, fmt: str, opener: Any = None) -> Any:
     from edgellm.runtimes.base import RuntimeOptions, open_runtime
 
     extra = dict(PARITY_OPTIONS.get(fmt, {}))
     kv = extra.pop("kv_precision", None)
-    return open_runtime(model_file, fmt, RuntimeOptions(n_ctx=512, kv_precision=kv, extra=extra))
+    options = RuntimeOptions(n_ctx=512, kv_precision=kv, extra=extra)
+    return opener(model_file, options) if opener else open_runtime(model_file, fmt, options)
 
 
 def verify_artifact(path: Path, reference: Path, prompts: Sequence[str] | None = None,
@@ -202,14 +203,17 @@ def verify_artifact(path: Path, reference: Path, prompts: Sequence[str] | None =
     return report
 
 
-def check_after_convert(model_file: Path, reference: Path | None, quant: str,
-                        prompts: Sequence[str] | None, fmt: str = "gguf") -> dict[str, Any]:
-    """Parity of a freshly written artifact, gated for lossless types; a skip says why."""
+def check_after_convert(model_file: Path, reference: Path | None, quant: str, prompts: Sequence[str] | None,
+                        fmt: str = "gguf", opener: Any = None) -> dict[str, Any]:
+    """Parity of a freshly written artifact, gated for lossless types; a skip says why.
+
+    ``opener(model_file, options)`` replaces the registry's backend for ``fmt`` when given.
+    """
     if reference is None:
         return {"status": "skipped", "reason": "no Hugging Face reference; run: edgellm verify "
                 "ARTIFACT --reference HF_DIR"}
     try:
-        runtime = _open(model_file, fmt)
+        runtime = _open(model_file, fmt, opener)
     except MissingDependencyError as exc:
         return {"status": "skipped", "reason": str(exc)}
     try:
