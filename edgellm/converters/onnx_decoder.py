@@ -35,7 +35,7 @@ from edgellm.converters.onnx_arch import (
     layer_plans,
 )
 from edgellm.converters.onnx_graph import GraphWriter
-from edgellm.converters.onnx_quant import pack_low_first, quantize_blockwise
+from edgellm.converters.onnx_quant import quantize_blockwise
 from edgellm.converters.onnx_rope import rope_tables
 from edgellm.spec import ModelSpec
 
@@ -138,22 +138,29 @@ class DecoderBuilder:
                    outputs=out, domain=MS, epsilon=self.eps)
         return out[0], out[3]
 
+    def _quantized(self, weight: np.ndarray, name: str, bits: int) -> list[str]:
+        """MatMulNBits initializers of ``weight``: [B, scales, zero points (asymmetric only)]."""
+        qw = quantize_blockwise(weight, bits, self.opts.block_size, self.opts.symmetric)
+        names = [self.w.initializer(f"{name}.qweight", qw.matmul_nbits_b()),
+                 self.w.initializer(f"{name}.scales", qw.scales.reshape(-1))]
+        zp = qw.packed_zero_points()
+        if zp is not None:
+            names.append(self.w.initializer(f"{name}.zero_points", zp))
+        self.quantized.append(name)
+        return names
+
+    def _matmul_nbits(self, x: str, weights: list[str], n: int, k: int, name: str) -> str:
+        return self._node("MatMulNBits", [x, *weights], f"{name}/MatMulNBits", domain=MS, K=k, N=n,
+                          bits=self.opts.bits, block_size=self.opts.block_size,
+                          accuracy_level=self.opts.accuracy_level)[0]
+
     def _linear(self, x: str, weight: np.ndarray, name: str, bias: np.ndarray | None = None) -> str:
         """``x @ weightᵀ (+ bias)``; ``weight`` is ``[N, K]`` (out x in), quantized if asked."""
         n, k = weight.shape
         if self.opts.bits is None:
             y = self._node("MatMul", [x, self.w.initializer(f"{name}.weight", weight.T)], f"{name}/MatMul")[0]
         else:
-            qw = quantize_blockwise(weight, self.opts.bits, self.opts.block_size, self.opts.symmetric)
-            inputs = [x, self.w.initializer(f"{name}.qweight", qw.matmul_nbits_b()),
-                      self.w.initializer(f"{name}.scales", qw.scales.reshape(-1))]
-            zp = qw.packed_zero_points()
-            if zp is not None:
-                inputs.append(self.w.initializer(f"{name}.zero_points", zp))
-            y = self._node("MatMulNBits", inputs, f"{name}/MatMulNBits", domain=MS, K=k, N=n,
-                           bits=self.opts.bits, block_size=self.opts.block_size,
-                           accuracy_level=self.opts.accuracy_level)[0]
-            self.quantized.append(name)
+            y = self._matmul_nbits(x, self._quantized(weight, name, self.opts.bits), n, k, name)
         if bias is not None:
             y = self._node("Add", [y, self.w.initializer(f"{name}.bias", bias)], f"{name}/Add")[0]
         return y
@@ -183,19 +190,25 @@ class DecoderBuilder:
         return seqlens, self._node("Cast", [length], f"{name}/Gather/Cast", to=6)[0]
 
     def _embedding(self, ids: str) -> str:
+        """Gather (float) or GatherBlockQuantized over the table; a tied LM head reuses it.
+
+        Quantized, the table is stored once in MatMulNBits layout (``[V, H/block, block/2]``
+        bytes are the same as GatherBlockQuantized's ``[V, H/2]``, scales and zero points
+        too): the gather reads it through Reshapes and a tied LM head directly.
+        """
         table = self.r.read(self.r.prefix + "embed_tokens.weight")
-        name = "model.embed_tokens"
+        name, (v, h) = "model.embed_tokens", table.shape
         if self.opts.quantize_embedding:
-            qw = quantize_blockwise(table, 4, self.opts.block_size, self.opts.symmetric)
-            inputs = [self.w.initializer(f"{name}.qweight", qw.gather_data()), ids,
-                      self.w.initializer(f"{name}.scales", qw.scales)]
-            if qw.zero_points is not None:  # packed along the last axis like the data
-                inputs.append(self.w.initializer(f"{name}.zero_points", pack_low_first(qw.zero_points, 4)))
-            x = self._node("GatherBlockQuantized", inputs, f"{name}/GatherBlockQuantized", domain=MS,
-                           gather_axis=0, quantize_axis=1, block_size=self.opts.block_size, bits=4)[0]
-            self.quantized.append(name)
+            self._table = self._quantized(table, name, 4)
+            shapes = ([v, h // 2], [v, -1], [v, -1])
+            inputs = [self._node("Reshape", [t, self.w.const(shape)], f"{name}/Reshape{j}")[0]
+                      for j, (t, shape) in enumerate(zip(self._table, shapes, strict=False))]
+            x = self._node("GatherBlockQuantized", [inputs[0], ids, *inputs[1:]],
+                           f"{name}/GatherBlockQuantized", domain=MS, gather_axis=0, quantize_axis=1,
+                           block_size=self.opts.block_size, bits=4)[0]
         else:
-            x = self._node("Gather", [self.w.initializer(f"{name}.weight", table), ids], f"{name}/Gather")[0]
+            self._table = [self.w.initializer(f"{name}.weight", table)]
+            x = self._node("Gather", [self._table[0], ids], f"{name}/Gather")[0]
         if self.arch.scaled_embedding:  # transformers: embeddings * hidden_size ** 0.5 in float32
             scale = self.w.const(np.float32(self.spec.hidden_size) ** np.float32(0.5), np.float32)
             x = self._node("Mul", [x, scale], f"{name}/Mul")[0]
@@ -316,16 +329,13 @@ class DecoderBuilder:
         return out, residual
 
     def _lm_head(self, hidden: str) -> str:
-        w, s, r = self.w, self.spec, self.r
+        w, s = self.w, self.spec
         keep = w.graph_input("logits_to_keep", _INT64, [1])
         w.initializer(keep, np.zeros(1, np.int64))  # overridable default: every position
         start = self._node("Neg", [keep], "/model/logits_to_keep/Neg")[0]
         sliced = self._node("Slice", [hidden, start, w.const([np.iinfo(np.int64).max]), w.const([1])],
                             "/model/logits_to_keep/Slice")[0]
-        head = r.root + "lm_head.weight"
-        weight = r.read(head if r.has(head) and not s.tied_embeddings else r.prefix + "embed_tokens.weight")
-        logits = self._linear(sliced, weight, "lm_head")
-        del weight
+        logits = self._head_matmul(sliced)
         cap = self.cfg.get("final_logit_softcapping")
         if cap:
             c = w.const(np.float32(cap), np.float32)
@@ -334,6 +344,28 @@ class DecoderBuilder:
             logits = self._node("Mul", [t, c], "/lm_head/softcap/Mul")[0]
         self._node("Identity", [logits], "/lm_head/logits", outputs=["logits"])
         return w.graph_output("logits", _FLOAT, ["batch_size", "kept_sequence_length", s.vocab_size])
+
+    def _head_matmul(self, hidden: str) -> str:
+        """``hidden @ Wᵀ`` for the ``[V, H]`` head: the embedding's own tensors when tied and stored
+        in a usable form, else the head's (or the table's) weight written once more."""
+        r, s = self.r, self.spec
+        head = r.root + "lm_head.weight"
+        tied = s.tied_embeddings or not r.has(head)
+        quantized_table = self.opts.quantize_embedding
+        if self.opts.bits is not None and not (tied and quantized_table):
+            weight = r.read(head if not tied else r.prefix + "embed_tokens.weight")
+            return self._linear(hidden, weight, "lm_head")
+        if self.opts.bits is not None:  # tied, and the table is in MatMulNBits layout already
+            return self._matmul_nbits(hidden, self._table, s.vocab_size, s.hidden_size, "lm_head")
+        table = self._table[0] if tied else self.w.initializer("lm_head.weight", r.read(head))
+        # Gemm(transB=1) reads the [V, H] table as stored (as fast as MatMul on a transposed
+        # copy, measured): a tied float model keeps one copy of its largest tensor.
+        flat = self._node("Reshape", [hidden, self.w.const([-1, s.hidden_size])], "/lm_head/Reshape")[0]
+        logits = self._node("Gemm", [flat, table], "/lm_head/Gemm", transB=1)[0]
+        lead = self._node("Slice", [self._node("Shape", [hidden], "/lm_head/Shape")[0], self.w.const([0]),
+                                    self.w.const([2])], "/lm_head/Shape/Slice")[0]
+        shape = self._node("Concat", [lead, self.w.const([s.vocab_size])], "/lm_head/Concat", axis=0)[0]
+        return self._node("Reshape", [logits, shape], "/lm_head/Reshape_back")[0]
 
     def build(self) -> None:
         """Write the whole graph: inputs, embedding, layers, final norm, LM head, outputs."""
