@@ -111,7 +111,7 @@ def test_features_against_transformers(case: str, tmp_path: Path) -> None:
         assert features["sliding_layers"] and features["sliding_window"] == 8
 
 
-@pytest.mark.parametrize(("quant", "quantized_embedding", "size_ratio"), [("int4", 1, 0.6), ("int8", 0, 0.7)])
+@pytest.mark.parametrize(("quant", "quantized_embedding", "size_ratio"), [("int4", 1, 0.6), ("int8", 0, 0.9)])
 def test_quantized_graphs(quant: str, quantized_embedding: int, size_ratio: float, tiny_model,
                           tmp_path: Path) -> None:
     fp32 = edgellm.convert(tiny_model("qwen3"), tmp_path / "fp32", verify=False, **BUILDER)

@@ -75,3 +75,18 @@ def test_quantization_error_is_bounded_by_half_a_step() -> None:
         qw = quantize_blockwise(w, bits, 32, symmetric=False)
         step = np.repeat(qw.scales, 32, axis=1)
         assert np.all(np.abs(dequantize(qw) - w) <= step / 2 + 1e-6)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_clipping_search_never_increases_a_blocks_error(sym: bool) -> None:
+    from edgellm.converters.onnx_quant import CLIP_GRID
+
+    w = np.random.default_rng(3).standard_t(3, (16, 128)).astype(np.float32)  # heavy tails
+    plain = quantize_blockwise(w, 4, 32, sym)
+    searched = quantize_blockwise(w, 4, 32, sym, clip_grid=CLIP_GRID)
+
+    def block_error(qw):
+        return ((dequantize(qw) - w) ** 2).reshape(16, -1, 32).sum(-1)
+
+    assert np.all(block_error(searched) <= block_error(plain) + 1e-6)
+    assert block_error(searched).sum() < block_error(plain).sum()

@@ -44,7 +44,7 @@ MODEL_FILE = "model.onnx"
 #: quantizations the builder writes -> what it does (the manifest's recipe "method").
 BUILDER_QUANTS: dict[str, str] = {
     "fp32": "edgellm graph builder, float32 weights",
-    "int4": "edgellm graph builder, MatMulNBits 4-bit (numpy block quantizer)",
+    "int4": "edgellm graph builder, MatMulNBits 4-bit (numpy block quantizer, clipping search)",
     "int8": "edgellm graph builder, MatMulNBits 8-bit (numpy block quantizer)",
 }
 
@@ -63,12 +63,18 @@ def builder_refusals(spec: ModelSpec, quant: str, cfg: dict[str, Any] | None = N
 
 
 def _options(recipe: Any, spec: ModelSpec) -> Any:
+    """Build options for ``recipe``. Asymmetric int4 searches each block's clipping range:
+    on SmolLM2 (tests/test_onnx_smollm2.py, hand run) top-1 0.669 -> 0.719 and KL 0.356 ->
+    0.320 for 13 s of conversion instead of 3; symmetric blocks gained nothing (KL got worse)
+    and int8 has little to gain, so they round to nearest."""
     from edgellm.converters.onnx_decoder import BuildOptions
+    from edgellm.converters.onnx_quant import CLIP_GRID
 
     if recipe.bits is None:
         return BuildOptions()
     embed = recipe.bits == 4 and spec.hidden_size % recipe.block_size == 0
-    return BuildOptions(recipe.bits, recipe.block_size, bool(recipe.sym), recipe.accuracy_level, embed)
+    grid = CLIP_GRID if recipe.bits == 4 and not recipe.sym else (1.0,)
+    return BuildOptions(recipe.bits, recipe.block_size, bool(recipe.sym), recipe.accuracy_level, embed, grid)
 
 
 def _write_graph(hf_dir: Path, stage: Path, cfg: dict[str, Any], spec: ModelSpec, opts: Any) -> Any:
@@ -104,7 +110,10 @@ def _check(path: Path) -> None:
 
 def _recipe(recipe: Any, opts: Any) -> dict[str, Any]:
     embedding = "int4 GatherBlockQuantized" if opts.quantize_embedding else "float32 Gather"
-    return replace(recipe, method=BUILDER_QUANTS[recipe.quant], embeddings=embedding).to_dict()
+    data = replace(recipe, method=BUILDER_QUANTS[recipe.quant], embeddings=embedding).to_dict()
+    if recipe.bits is not None:
+        data["clip_search"] = list(opts.clip_grid)
+    return data
 
 
 def convert_with_builder(source: Any, output: Path, recipe: Any, *, force: bool = False,

@@ -62,6 +62,7 @@ class BuildOptions:
     symmetric: bool = False
     accuracy_level: int = 4
     quantize_embedding: bool = False  # GatherBlockQuantized (4-bit only)
+    clip_grid: tuple[float, ...] = (1.0,)  # range shrink factors searched per block
 
 
 class Reader:
@@ -140,7 +141,7 @@ class DecoderBuilder:
 
     def _quantized(self, weight: np.ndarray, name: str, bits: int) -> list[str]:
         """MatMulNBits initializers of ``weight``: [B, scales, zero points (asymmetric only)]."""
-        qw = quantize_blockwise(weight, bits, self.opts.block_size, self.opts.symmetric)
+        qw = quantize_blockwise(weight, bits, self.opts.block_size, self.opts.symmetric, self.opts.clip_grid)
         names = [self.w.initializer(f"{name}.qweight", qw.matmul_nbits_b()),
                  self.w.initializer(f"{name}.scales", qw.scales.reshape(-1))]
         zp = qw.packed_zero_points()

@@ -75,32 +75,60 @@ def pack_low_first(codes: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(pairs[..., 0] | (pairs[..., 1] << 4))
 
 
-def quantize_blockwise(weight: np.ndarray, bits: int, block_size: int, symmetric: bool) -> QuantizedWeight:
-    """Quantize a float ``[N, K]`` weight along K in blocks (K is zero-padded to a block)."""
+#: Range shrink factors tried per block by the clipping search (1.0 = plain round-to-nearest).
+CLIP_GRID: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8)
+
+
+def _round_block(blocks: np.ndarray, bits: int, symmetric: bool,
+                 shrink: float) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(codes, scales, zero points) of every block with its range shrunk by ``shrink``."""
+    levels, mid = (1 << bits) - 1, 1 << (bits - 1)
+    if symmetric:
+        idx = np.abs(blocks).argmax(axis=-1)[..., None]
+        scales = np.take_along_axis(blocks, idx, axis=-1)[..., 0] * np.float32(shrink) / -mid
+        safe = np.where(scales == 0, np.float32(1), scales)
+        codes = np.clip(np.rint(blocks / safe[..., None]) + mid, 0, levels).astype(np.uint8)
+        return codes, scales.astype(np.float32), None
+    lo = np.minimum(blocks.min(axis=-1), 0.0) * np.float32(shrink)
+    hi = np.maximum(blocks.max(axis=-1), 0.0) * np.float32(shrink)
+    scales = ((hi - lo) / levels).astype(np.float32)
+    safe = np.where(scales == 0, np.float32(1), scales)
+    zp = np.clip(np.rint(-lo / safe), 0, levels)
+    codes = np.clip(np.rint(blocks / safe[..., None]) + zp[..., None], 0, levels).astype(np.uint8)
+    return codes, scales, zp.astype(np.uint8)
+
+
+def _error(blocks: np.ndarray, codes: np.ndarray, scales: np.ndarray, zp: np.ndarray | None,
+           bits: int) -> np.ndarray:
+    zero = zp if zp is not None else np.full(scales.shape, 1 << (bits - 1), np.uint8)
+    diff = (codes.astype(np.float32) - zero[..., None]) * scales[..., None] - blocks
+    return np.einsum("...i,...i->...", diff, diff)
+
+
+def quantize_blockwise(weight: np.ndarray, bits: int, block_size: int, symmetric: bool,
+                       clip_grid: tuple[float, ...] = (1.0,)) -> QuantizedWeight:
+    """Quantize a float ``[N, K]`` weight along K in blocks (K is zero-padded to a block).
+
+    ``clip_grid``: range shrink factors tried per block; each block keeps the one with the
+    least squared error (round-to-nearest is ``(1.0,)``; :data:`CLIP_GRID` searches).
+    """
     w = np.asarray(weight, dtype=np.float32)
     n, k = w.shape
     pad = (-k) % block_size
     if pad:
         w = np.concatenate([w, np.zeros((n, pad), np.float32)], axis=1)
     blocks = w.reshape(n, -1, block_size)
-    levels = (1 << bits) - 1
-    mid = 1 << (bits - 1)
-    if symmetric:
-        idx = np.abs(blocks).argmax(axis=-1)[..., None]
-        extreme = np.take_along_axis(blocks, idx, axis=-1)[..., 0]
-        scales = extreme / -mid
-        safe = np.where(scales == 0, 1.0, scales)
-        q = np.rint(blocks / safe[..., None]) + mid
-        codes = np.clip(q, 0, levels).astype(np.uint8)
-        return QuantizedWeight(codes, scales.astype(np.float32), None, bits, block_size, k)
-    lo = np.minimum(blocks.min(axis=-1), 0.0)
-    hi = np.maximum(blocks.max(axis=-1), 0.0)
-    scales = (hi - lo) / levels
-    safe = np.where(scales == 0, 1.0, scales)
-    zp = np.clip(np.rint(-lo / safe), 0, levels)
-    q = np.rint(blocks / safe[..., None]) + zp[..., None]
-    codes = np.clip(q, 0, levels).astype(np.uint8)
-    return QuantizedWeight(codes, scales.astype(np.float32), zp.astype(np.uint8), bits, block_size, k)
+    codes, scales, zp = _round_block(blocks, bits, symmetric, clip_grid[0])
+    if len(clip_grid) > 1:
+        best = _error(blocks, codes, scales, zp, bits)
+        for shrink in clip_grid[1:]:
+            c, s, z = _round_block(blocks, bits, symmetric, shrink)
+            err = _error(blocks, c, s, z, bits)
+            better = err < best
+            codes[better], scales[better], best[better] = c[better], s[better], err[better]
+            if zp is not None and z is not None:
+                zp[better] = z[better]
+    return QuantizedWeight(codes, scales, zp, bits, block_size, k)
 
 
 def dequantize(qw: QuantizedWeight) -> np.ndarray:
