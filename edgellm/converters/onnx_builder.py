@@ -33,7 +33,7 @@ from edgellm.converters.onnx_arch import BUILDER_ARCHS, refusals
 from edgellm.converters.provenance import tool_versions
 from edgellm.converters.source import copy_runtime_files
 from edgellm.converters.staging import Staging
-from edgellm.errors import ConversionError, UnsupportedArchitectureError
+from edgellm.errors import ConversionError, MissingDependencyError, UnsupportedArchitectureError
 from edgellm.spec import ModelSpec, read_hf_config
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,10 @@ def convert_with_builder(source: Any, output: Path, recipe: Any, *, force: bool 
     """Build the ONNX decoder of an opened ``source`` (see ``converters.source``) into ``output``."""
     from edgellm.converters.genai_config import write_genai_config
 
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError("onnx", "build-onnx", "the ONNX graph builder") from None
     started = time.perf_counter()
     with Staging(output, force=force) as stage:
         hf_dir = source.hf_dir(stage.path, progress)
