@@ -40,6 +40,9 @@ def test_fp32_export_matches_transformers(arch: str, tiny_model, tmp_path: Path)
     parity = manifest["parity"]
     assert parity["top1_agreement"] == 1.0 and parity["max_abs_logit_diff"] < F32_TOL, parity
     assert parity["greedy_identical"] == parity["n_prompts"]
+    graph = manifest["graph"]
+    assert graph["contract"] == "optimum-concat/1" and graph["kv"]["past_present_share_buffer"] is False
+    assert ("position_ids" in graph["inputs"]) == (not arch.startswith("gemma"))  # Gemma's compute them
     files = manifest["files"]
     assert (files["model"], files["weights"]) == ("model.onnx", [])  # one file below 2 GiB
     assert {"config.json", "tokenizer.json"} <= set(files["tokenizer"])

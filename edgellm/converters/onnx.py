@@ -267,6 +267,27 @@ def _check(path: Path) -> None:
         raise ConversionError(f"{path}: onnx.checker rejects the converted graph ({detail})") from None
 
 
+#: The graph contract of an optimum export (the manifest's ``graph.contract``).
+OPTIMUM_CONTRACT = "optimum-concat/1"
+
+
+def _graph_record(path: Path, n_layers: int) -> dict[str, Any]:
+    """What the exported graph takes and gives, for the manifest (the runtime binds by it)."""
+    onnx = _import("onnx")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    names = {i.name for i in graph.input}
+    past = next(i for i in graph.input if i.name.startswith("past_key_values."))
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type).name
+    inputs = {k: k for k in ("input_ids", "attention_mask", "position_ids") if k in names}
+    return {
+        "contract": OPTIMUM_CONTRACT, "inputs": inputs, "outputs": {"logits": "logits"},
+        "kv": {"past_key": "past_key_values.%d.key", "past_value": "past_key_values.%d.value",
+               "present_key": "present.%d.key", "present_value": "present.%d.value", "layout": "BNSH",
+               "n_layers": n_layers, "dtype": dtype, "past_present_share_buffer": False},
+        "logits": {"dtype": dtype, "positions": "every input position"},
+    }
+
+
 def _count_ops(path: Path) -> dict[str, int]:
     onnx = _import("onnx")
     counts: dict[str, int] = {}
@@ -352,6 +373,7 @@ def convert_to_onnx(
             "exporter": "optimum",
             "recipe": recipe.to_dict(),
             "operators": _count_ops(model_path),
+            "graph": _graph_record(model_path, source.spec.n_layers),
             **source.manifest_common(),
             "tool": tool_versions("onnxruntime", "onnx", "optimum-onnx", "torch", "transformers"),
             "parity": parity,
