@@ -30,9 +30,11 @@ BUILDER = {"format": "onnx", "exporter": "builder"}
 
 
 def _open(art, **kw):
-    from edgellm.runtimes.ort_gqa import GQASharedKV
+    """An engine and one session, opened the way the registry opens any ONNX artifact."""
+    from edgellm.runtimes.base import open_runtime
 
-    return GQASharedKV(art.model_file, RuntimeOptions(n_ctx=kw.pop("n_ctx", 128), threads=2, extra=kw))
+    options = RuntimeOptions(n_ctx=kw.pop("n_ctx", 128), threads=2, extra=kw)
+    return open_runtime(art.model_file, "onnx", options)
 
 
 @pytest.mark.parametrize("arch", tiny_models.ARCHITECTURE_NAMES)
@@ -64,13 +66,27 @@ def test_prefill_chunks_tokens_and_trim_agree(arch: str, tiny_model, tmp_path: P
         assert np.abs(np.concatenate(steps) - ref).max() <= TOL
         rt.trim(20)  # drop the last 20 positions in place, then take them again
         assert rt.n_past == 20 and np.abs(rt.forward(ids[20:]) - ref[-1]).max() <= TOL
-        spec = rt.spec
-        assert rt.kv_bytes_held() == 2 * spec.n_layers * spec.n_kv_heads * 128 * spec.head_dim * 4
-        assert rt.info()["kv_shared_buffer"] is True
+        spec, cache = rt.spec, rt.cache
+        one_copy = 2 * spec.n_layers * spec.n_kv_heads * spec.head_dim * 4  # K and V, f32, once
+        assert type(rt.engine).__name__ == "GQAEngine" and rt.info()["kv_shared_buffer"] is True
+        assert rt.engine.kv_bytes_per_token() == cache.bytes_per_token == one_copy
+        assert cache.capacity_bytes == 128 * one_copy and cache.held_bytes() == 40 * one_copy
+        state = rt.session.save_state()
+        rt.reset()
+        rt.session.load_state(state, 40)  # a snapshot brings the same next logits back
+        assert np.abs(rt.forward([ids[0]]) - rt_logits_after(art, ids + [ids[0]])).max() <= TOL
     finally:
         rt.close()
     with pytest.raises(errors.InvalidInputError, match="closed"):
         rt.forward([1])
+
+
+def rt_logits_after(art, ids: list[int]) -> np.ndarray:
+    rt = _open(art)
+    try:
+        return rt.forward(ids)
+    finally:
+        rt.close()
 
 
 #: Features the tiny fixtures leave unused, each switched on against transformers.
@@ -167,10 +183,15 @@ def test_runtime_binds_by_the_record_only(tiny_model, tmp_path: Path) -> None:
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(errors.InvalidModelError, match="does not match its manifest record.*'past.0.k'"):
         _open(art)
-    manifest["graph"]["contract"] = "optimum-concat"
+    manifest["graph"]["contract"] = "gqa-shared-kv/9"
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(errors.InvalidModelError, match="graph contract 'optimum-concat'.*re-convert"):
+    with pytest.raises(errors.InvalidModelError, match="graph contract 'gqa-shared-kv/9'.*upgrade edgellm"):
         _open(art)
+    from edgellm.runtimes.ort_gqa import GQAEngine
+
+    manifest["graph"]["contract"] = "optimum-concat/1"
+    with pytest.raises(errors.InvalidModelError, match="graph contract 'optimum-concat/1' is not one"):
+        GQAEngine(art.model_file, RuntimeOptions(), manifest["graph"])
 
 
 def test_missing_tensor_is_one_line_and_leaves_nothing(tiny_model, tmp_path: Path) -> None:

@@ -159,9 +159,7 @@ def convert_with_builder(source: Any, output: Path, recipe: Any, *, force: bool 
         write_manifest(stage.path, manifest)  # the runtime binds by its graph record, parity included
         if progress:
             progress(spec.n_layers, spec.n_layers, "build graph")
-        from edgellm.runtimes.ort_gqa import open as open_gqa
-
         manifest["parity"] = source.parity(stage.path / MODEL_FILE, reference, recipe.quant, prompts, verify,
-                                           fmt="onnx", opener=open_gqa)
+                                           fmt="onnx")
         source.cleanup()
         return stage.commit_artifact(manifest, started)

@@ -78,20 +78,18 @@ class Source:
             self._hf = None
 
     def parity(self, model_file: Path, reference: Path | None, quant: str, prompts: list[str] | None,
-               verify: bool, fmt: str, opener: Any = None) -> dict[str, Any]:
+               verify: bool, fmt: str) -> dict[str, Any]:
         """Parity of the fresh artifact against ``reference`` or the source (gated for floats).
 
         A GGUF source is compared through its dequantized checkpoint, and the manifest says so
-        rather than naming the temporary folder. ``opener(model_file, options)`` opens the
-        artifact when the format's registered backend is not the one that runs it.
+        rather than naming the temporary folder.
         """
         from edgellm.converters.verify import check_after_convert
 
         if not verify:
             return {"status": "skipped", "reason": "conversion run with verify off"}
         checkpoint = self._hf if self.kind == "gguf" else self.path  # hf_dir() ran before export
-        parity = check_after_convert(model_file, reference or checkpoint, quant.upper(), prompts, fmt=fmt,
-                                     opener=opener)
+        parity = check_after_convert(model_file, reference or checkpoint, quant.upper(), prompts, fmt=fmt)
         if reference is None and self.dequantized is not None and "reference" in parity:
             parity["reference"] = f"{self.path} dequantized by {self.dequantized['by']}"
         return parity

@@ -175,13 +175,12 @@ PARITY_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def _open(model_file: Path, fmt: str, opener: Any = None) -> Any:
+def _open(model_file: Path, fmt: str) -> Any:
     from edgellm.runtimes.base import RuntimeOptions, open_runtime
 
     extra = dict(PARITY_OPTIONS.get(fmt, {}))
     kv = extra.pop("kv_precision", None)
-    options = RuntimeOptions(n_ctx=512, kv_precision=kv, extra=extra)
-    return opener(model_file, options) if opener else open_runtime(model_file, fmt, options)
+    return open_runtime(model_file, fmt, RuntimeOptions(n_ctx=512, kv_precision=kv, extra=extra))
 
 
 def verify_artifact(path: Path, reference: Path, prompts: Sequence[str] | None = None,
@@ -203,17 +202,14 @@ def verify_artifact(path: Path, reference: Path, prompts: Sequence[str] | None =
     return report
 
 
-def check_after_convert(model_file: Path, reference: Path | None, quant: str, prompts: Sequence[str] | None,
-                        fmt: str = "gguf", opener: Any = None) -> dict[str, Any]:
-    """Parity of a freshly written artifact, gated for lossless types; a skip says why.
-
-    ``opener(model_file, options)`` replaces the registry's backend for ``fmt`` when given.
-    """
+def check_after_convert(model_file: Path, reference: Path | None, quant: str,
+                        prompts: Sequence[str] | None, fmt: str = "gguf") -> dict[str, Any]:
+    """Parity of a freshly written artifact, gated for lossless types; a skip says why."""
     if reference is None:
         return {"status": "skipped", "reason": "no Hugging Face reference; run: edgellm verify "
                 "ARTIFACT --reference HF_DIR"}
     try:
-        runtime = _open(model_file, fmt, opener)
+        runtime = _open(model_file, fmt)
     except MissingDependencyError as exc:
         return {"status": "skipped", "reason": str(exc)}
     try:

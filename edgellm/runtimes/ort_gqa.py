@@ -1,16 +1,18 @@
-"""ONNX Runtime binding for edgellm's builder graphs (contract ``gqa-shared-kv/1``).
+"""ONNX Runtime engine for edgellm's builder graphs (graph contract ``gqa-shared-kv/1``).
 
 The graph (:mod:`edgellm.converters.onnx_decoder`) runs GroupQueryAttention with past and
-present sharing one buffer, so the KV cache is updated *in place*: each layer owns one key
-and one value buffer of ``[1, kv_heads, capacity, head_dim]``, allocated once (``np.zeros``:
-pages are committed only as the context fills) and bound with I/O binding as both the past
-input and the present output. One copy of the KV cache, never moved, never grown; ``trim``
-only lowers the position count (the next run overwrites what lies beyond it).
+present sharing one buffer, so a session's KV cache is updated *in place*: each layer owns
+one key and one value buffer of ``[1, kv_heads, n_ctx, head_dim]``, allocated when the session
+opens (``np.zeros``: pages are committed only as the context fills) and bound with I/O binding
+as both the past input and the present output. One copy of the KV cache, never moved, never
+grown; ``trim`` only lowers the position count (the next run overwrites what lies beyond it).
 
 Everything is bound by the manifest's ``graph`` record (input, output and KV names, layout,
-dtype, sharing): nothing is guessed from names. Token ids, the attention mask (ones),
-``logits_to_keep`` and the logits are preallocated too, so a decode step allocates no array.
-This module imports onnxruntime, numpy and edgellm only.
+dtype, sharing): nothing is guessed from names, and a graph that does not have exactly the
+recorded inputs and outputs is refused. :func:`edgellm.runtimes.onnxruntime.open` picks this
+engine when the record's contract is in :data:`CONTRACTS`. Token ids, the attention mask
+(ones), ``logits_to_keep`` (1 unless every row is asked for) and the logits are preallocated,
+so a decode step allocates no array. This module imports onnxruntime, numpy and edgellm only.
 """
 
 from __future__ import annotations
@@ -22,27 +24,24 @@ from typing import Any
 
 import numpy as np
 
-from edgellm.errors import ContextOverflowError, InvalidInputError, InvalidModelError
-from edgellm.runtimes.base import RuntimeOptions
-from edgellm.runtimes.onnxruntime import (
-    _CAUGHT,
-    external_data_files,
-    ort,
-    select_providers,
-    session_options,
-    translate_error,
+from edgellm.errors import (
+    BackendError,
+    ContextOverflowError,
+    InvalidInputError,
+    InvalidModelError,
+    SessionStateError,
 )
-from edgellm.spec import ModelSpec
-from edgellm.text.tokenizer import HFTokenizer
+from edgellm.kvcache import KVAbility, KVCache
+from edgellm.kvcache.arrays import pack_arrays, unpack_arrays
+from edgellm.runtimes.base import RuntimeOptions
+from edgellm.runtimes.onnxruntime import ORTEngine, _KVSlot, check_tokens
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CONTRACTS", "GQASharedKV", "graph_record", "open"]
+__all__ = ["CONTRACTS", "GQAEngine", "GQASession", "graph_record"]
 
-#: Graph contracts this module binds (the manifest's ``graph.contract``).
+#: Graph contracts this engine binds (the manifest's ``graph.contract``).
 CONTRACTS = ("gqa-shared-kv/1",)
-_DTYPES: dict[str, type[np.generic]] = {"float32": np.float32, "float16": np.float16}
-_DEFAULT_N_BATCH = 512
 
 
 def graph_record(folder: Path) -> dict[str, Any] | None:
@@ -55,177 +54,173 @@ def graph_record(folder: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-class GQASharedKV:
-    """A builder graph with one in-place KV buffer per layer and tensor (a ``Runtime``)."""
+class GQAEngine(ORTEngine):
+    """A builder graph loaded once; its sessions each own one in-place KV buffer per tensor."""
 
-    backend = "onnxruntime"
+    def __init__(self, path: Path, options: RuntimeOptions, record: Mapping[str, Any]) -> None:
+        self.record = dict(record)
+        self._check_record(Path(path))
+        super().__init__(path, options)
+        self.max_ctx = int(self.record.get("max_positions") or self.spec.max_positions)
+        self._check_ctx(self.default_ctx)
+        names = self.record["inputs"]
+        self.in_ids, self.in_mask = names["input_ids"], names["attention_mask"]
+        self.in_keep = names.get("logits_to_keep")
+        self.out_logits = self.record["outputs"]["logits"]
 
-    def __init__(self, path: Path, options: RuntimeOptions, record: Mapping[str, Any] | None = None) -> None:
-        self.path = Path(path)
-        folder = self.path.parent
-        self.record = dict(record or graph_record(folder) or {})
-        self._check_record()
-        self.external_data = external_data_files(self.path)
-        self.spec = ModelSpec.from_hf_dir(folder)
-        self.tokenizer = HFTokenizer.from_dir(folder)
-        self.device = options.device
-        self.providers = select_providers(options.device, ort.get_available_providers(),
-                                          options.extra.get("providers"))
-        self.threads = options.thread_count()
-        self.n_ctx = options.context_for(self.spec)
-        limit = int(self.record.get("max_positions") or self.spec.max_positions)
-        if self.n_ctx > limit:
-            raise InvalidInputError(f"n_ctx {self.n_ctx} is beyond the {limit} positions {self.path.name}'s "
-                                    f"rotary tables cover; load it with n_ctx <= {limit}")
-        self.n_batch = min(int(options.extra.get("n_batch", _DEFAULT_N_BATCH)), self.n_ctx)
-        try:
-            self._session = ort.InferenceSession(str(self.path), sess_options=session_options(self.threads),
-                                                 providers=self.providers)
-        except _CAUGHT as exc:
-            raise translate_error(exc, self.path, "to load the model") from None
-        self._check_session()
-        self.n_vocab = int(self.spec.vocab_size)
-        self._allocate()
-        self._past = 0
-
-    # -- checks ---------------------------------------------------------------------------
-    def _check_record(self) -> None:
+    def _check_record(self, path: Path) -> None:
         contract = self.record.get("contract")
         if contract not in CONTRACTS:
             raise InvalidModelError(
-                f"{self.path}: graph contract {contract!r} is not one this binding runs "
+                f"{path}: graph contract {contract!r} is not one this engine runs "
                 f"({', '.join(CONTRACTS)}); re-convert with `edgellm convert ... --format onnx`")
-        kv = self.record["kv"]
+        kv = self.record.get("kv") or {}
         if not kv.get("past_present_share_buffer") or kv.get("layout") != "BNSH":
-            raise InvalidModelError(f"{self.path}: the graph record says KV layout {kv.get('layout')!r}, "
-                                    f"shared={kv.get('past_present_share_buffer')}; this binding needs "
+            raise InvalidModelError(f"{path}: the graph record says KV layout {kv.get('layout')!r}, "
+                                    f"shared={kv.get('past_present_share_buffer')}; this engine needs "
                                     "BNSH with one shared buffer: re-convert the model")
-        if kv.get("dtype") not in _DTYPES:
-            raise InvalidModelError(f"{self.path}: KV dtype {kv.get('dtype')!r} is not supported "
-                                    f"({', '.join(_DTYPES)}); re-convert the model")
 
-    def _names(self) -> tuple[list[str], list[str]]:
+    def _names(self) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+        """(past, present) KV name pairs, the token inputs and the outputs the record names."""
         kv, rec = self.record["kv"], self.record
-        layers = range(int(kv["n_layers"]))
-        past = [kv[k] % i for i in layers for k in ("past_key", "past_value")]
-        present = [kv[k] % i for i in layers for k in ("present_key", "present_value")]
-        inputs = [rec["inputs"]["input_ids"], rec["inputs"]["attention_mask"], *past]
-        return inputs, [rec["outputs"]["logits"], *present]
+        pairs = [(kv[f"past_{k}"] % i, kv[f"present_{k}"] % i)
+                 for i in range(int(kv["n_layers"])) for k in ("key", "value")]
+        tokens = [rec["inputs"]["input_ids"], rec["inputs"]["attention_mask"]]
+        return pairs, tokens, [rec["outputs"]["logits"]]
 
-    def _check_session(self) -> None:
-        """The graph must have exactly the inputs and outputs the record names."""
-        want_in, want_out = self._names()
-        have_in = {i.name for i in self._session.get_inputs()}
+    def _kv_slots(self) -> list[_KVSlot]:
+        """KV tensors from the record; the graph must have exactly the recorded inputs and outputs."""
+        pairs, tokens, outputs = self._names()
+        want_in = set(tokens) | {p for p, _ in pairs}
+        want_out = set(outputs) | {q for _, q in pairs}
         have_out = {o.name for o in self._session.get_outputs()}
-        missing = [n for n in want_in if n not in have_in] + [n for n in want_out if n not in have_out]
-        extra = sorted(have_in - set(want_in))
+        missing = sorted(want_in - set(self._inputs)) + sorted(want_out - have_out)
+        extra = sorted(set(self._inputs) - want_in)
         if missing or extra:
             what = f"missing {missing[0]!r}" if missing else f"unrecorded input {extra[0]!r}"
             raise InvalidModelError(f"{self.path}: the graph does not match its manifest record ({what}); "
                                     "re-convert the model")
-
-    # -- buffers --------------------------------------------------------------------------
-    def _allocate(self) -> None:
         kv = self.record["kv"]
-        self._kv_dtype = _DTYPES[kv["dtype"]]
-        self._kv_shape = [1, int(kv["kv_heads"]), self.n_ctx, int(kv["head_dim"])]
-        past, present = self._names()[0][2:], self._names()[1][1:]
-        self._kv = [np.zeros(self._kv_shape, dtype=self._kv_dtype) for _ in past]
-        self._kv_bind = list(zip(past, present, [int(a.ctypes.data) for a in self._kv], strict=True))
-        self._ids = np.zeros(self.n_batch, dtype=np.int64)
-        self._mask = np.ones(self.n_ctx, dtype=np.int64)
-        self._keep = np.ones(1, dtype=np.int64)
-        self._logits = np.zeros(self.n_batch * self.n_vocab, dtype=np.float32)
-        self._binding = self._session.io_binding()
-        names = self.record["inputs"]
-        self._in_ids, self._in_mask = names["input_ids"], names["attention_mask"]
-        self._in_keep = names.get("logits_to_keep")
-        self._out_logits = self.record["outputs"]["logits"]
-        bind = self._binding
-        for past_name, present_name, ptr in self._kv_bind:  # the same memory, both directions
-            bind.bind_input(past_name, "cpu", 0, self._kv_dtype, self._kv_shape, ptr)
-            bind.bind_output(present_name, "cpu", 0, self._kv_dtype, self._kv_shape, ptr)
+        return [_KVSlot(p, q, int(kv["kv_heads"]), int(kv["head_dim"])) for p, q in pairs]
 
-    # -- Runtime protocol -----------------------------------------------------------------
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one token in every layer, once: past and present are one buffer."""
+        return sum(slot.elements(1) for slot in self.slots) * np.dtype(self.kv_dtype).itemsize
+
+    def open_session(self, n_ctx: int) -> GQASession:
+        """A session of ``n_ctx`` tokens with its own in-place KV buffers."""
+        if self._session is None:
+            raise InvalidInputError(f"{self.path}: this model is closed; load it again")
+        self._check_ctx(n_ctx)
+        return GQASession(self, n_ctx)
+
+    def _check_ctx(self, n_ctx: int) -> None:
+        if n_ctx > self.max_ctx:
+            raise InvalidInputError(f"n_ctx {n_ctx} is beyond the {self.max_ctx} positions "
+                                    f"{self.path.name}'s rotary tables cover; use n_ctx <= {self.max_ctx}")
+
+    def info(self) -> dict[str, Any]:
+        """The engine's facts, with the graph contract and the one-copy KV layout."""
+        return {**super().info(), "graph_contract": self.record.get("contract"), "kv_shared_buffer": True}
+
+
+class GQASession:
+    """One conversation on a builder graph: one KV buffer per tensor, bound as past and present."""
+
+    def __init__(self, engine: GQAEngine, n_ctx: int) -> None:
+        self._engine = engine
+        self.n_ctx = n_ctx
+        self.n_batch = min(engine.n_batch, n_ctx)
+        e = engine
+        self._kv = [np.zeros((1, s.heads, n_ctx, s.head_dim), dtype=e.kv_dtype) for s in e.slots]
+        self._ids = np.zeros(self.n_batch, dtype=e.ids_dtype)
+        self._mask = np.ones(n_ctx, dtype=e.mask_dtype)
+        self._keep = np.ones(1, dtype=np.int64)
+        self._logits = np.zeros(self.n_batch * e.n_vocab, dtype=np.float32)
+        self._binding = e._session.io_binding()
+        for slot, buf in zip(e.slots, self._kv, strict=True):  # the same memory, both directions
+            shape, ptr = list(buf.shape), int(buf.ctypes.data)
+            self._binding.bind_input(slot.past, "cpu", 0, e.kv_dtype, shape, ptr)
+            self._binding.bind_output(slot.present, "cpu", 0, e.kv_dtype, shape, ptr)
+        self._past = 0
+        self.cache = KVCache(n_ctx, e.kv_bytes_per_token(), e.kv_precision,
+                             frozenset({KVAbility.TRIM, KVAbility.SNAPSHOT}), self._held_bytes,
+                             lambda: self._past)
+
+    def _held_bytes(self) -> int:
+        """The written part of the buffers (np.zeros pages beyond it are never committed)."""
+        return 0 if self._binding is None else self._engine.kv_bytes_per_token() * self._past
+
     @property
     def n_past(self) -> int:
-        """Positions currently held in the KV buffers."""
+        """Positions held in the KV buffers."""
         return self._past
 
     def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Append ``tokens`` (in ``n_batch`` chunks); float32 logits of the last or every token."""
-        n = len(tokens)
-        if n == 0:
-            raise ValueError("forward() needs at least one token")
-        if self._session is None:
-            raise InvalidInputError(f"{self.path}: this runtime is closed; open the model again")
-        if self._past + n > self.n_ctx:
-            raise ContextOverflowError(f"{self._past} tokens in context + {n} new > context {self.n_ctx}; "
-                                       "load the model with a larger n_ctx")
-        ids = np.asarray(tokens, dtype=np.int64)
-        if int(ids.min()) < 0 or int(ids.max()) >= self.n_vocab:
-            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-            raise InvalidInputError(f"token id {bad} is outside the vocabulary [0, {self.n_vocab})")
-        out = np.empty((n, self.n_vocab), dtype=np.float32) if all_logits else None
-        for start in range(0, n, self.n_batch):
+        eng = self._engine
+        if self._binding is None or eng._session is None:
+            raise InvalidInputError(f"{eng.path}: this session is closed; open another")
+        if self._past + len(tokens) > self.n_ctx:
+            raise ContextOverflowError(f"{self._past} tokens in the cache + {len(tokens)} new > its "
+                                       f"{self.n_ctx} tokens; open the session with a larger n_ctx")
+        ids = check_tokens(tokens, eng.n_vocab)
+        out = np.empty((len(ids), eng.n_vocab), dtype=np.float32) if all_logits else None
+        for start in range(0, len(ids), self.n_batch):
             rows = self._run(ids[start:start + self.n_batch], all_logits)
             if out is not None:
                 out[start:start + len(rows)] = rows
         return out if out is not None else rows[-1].copy()
 
     def _run(self, ids: np.ndarray, all_logits: bool) -> np.ndarray:
-        m, bind = len(ids), self._binding
+        eng, bind = self._engine, self._binding
+        m = len(ids)
         total = self._past + m
-        keep = m if all_logits or self._in_keep is None else 1
+        keep = m if all_logits or eng.in_keep is None else 1
         self._ids[:m] = ids
         self._keep[0] = keep
-        bind.bind_input(self._in_ids, "cpu", 0, np.int64, [1, m], int(self._ids.ctypes.data))
-        bind.bind_input(self._in_mask, "cpu", 0, np.int64, [1, total], int(self._mask.ctypes.data))
-        if self._in_keep is not None:
-            bind.bind_input(self._in_keep, "cpu", 0, np.int64, [1], int(self._keep.ctypes.data))
-        bind.bind_output(self._out_logits, "cpu", 0, np.float32, [1, keep, self.n_vocab],
+        bind.bind_input(eng.in_ids, "cpu", 0, eng.ids_dtype, [1, m], int(self._ids.ctypes.data))
+        bind.bind_input(eng.in_mask, "cpu", 0, eng.mask_dtype, [1, total], int(self._mask.ctypes.data))
+        if eng.in_keep is not None:
+            bind.bind_input(eng.in_keep, "cpu", 0, np.int64, [1], int(self._keep.ctypes.data))
+        bind.bind_output(eng.out_logits, "cpu", 0, np.float32, [1, keep, eng.n_vocab],
                          int(self._logits.ctypes.data))
-        try:
-            self._session.run_with_iobinding(bind)
-        except _CAUGHT as exc:
-            raise translate_error(exc, self.path, "to run the model") from None
+        eng.run(bind)  # a failed run may leave new positions half written; n_past is unchanged
         self._past = total
-        return self._logits[: keep * self.n_vocab].reshape(keep, self.n_vocab)
+        return self._logits[: keep * eng.n_vocab].reshape(keep, eng.n_vocab)
 
     def trim(self, n_keep: int) -> None:
         """Keep the first ``n_keep`` positions (no copy: later runs overwrite the rest)."""
         self._past = min(self._past, max(0, int(n_keep)))
 
+    def shift(self, start: int, n_discard: int) -> None:
+        """Not available: the cached keys are already rotated (the loop re-prefills instead)."""
+        raise BackendError("the ONNX Runtime backend cannot shift its KV cache; the loop re-prefills instead")
+
+    def save_state(self) -> bytes:
+        """The filled part of every KV tensor, named by its graph input."""
+        views = [buf[0, :, : self._past] for buf in self._kv]
+        return pack_arrays(zip([s.past for s in self._engine.slots], views, strict=True))
+
+    def load_state(self, data: bytes, n_tokens: int) -> None:
+        """Put back what :meth:`save_state` gave."""
+        eng = self._engine
+        arrays = unpack_arrays(data, str(eng.path))
+        if [n for n, _ in arrays] != [s.past for s in eng.slots] or n_tokens > self.n_ctx:
+            raise SessionStateError(f"{eng.path}: the saved KV tensors do not match this model's")
+        for buf, (_, src) in zip(self._kv, arrays, strict=True):
+            dst = buf[0, :, :n_tokens]
+            if src.shape != dst.shape:
+                raise SessionStateError(f"{eng.path}: a saved KV tensor has shape {src.shape}, "
+                                        f"this model's is {dst.shape}")
+            np.copyto(dst, src)
+        self._past = n_tokens
+
     def reset(self) -> None:
         """Empty the KV cache (the buffers stay allocated)."""
         self._past = 0
 
-    def kv_bytes_held(self) -> int:
-        """Bytes of KV buffers allocated: one copy, ``capacity`` positions (pages commit lazily)."""
-        return sum(a.nbytes for a in self._kv)
-
-    def info(self) -> dict[str, Any]:
-        """What runs where: backend, providers, threads, context, KV layout and bytes."""
-        return {
-            "backend": self.backend, "device": self.device,
-            "providers": list(self._session.get_providers()) if self._session else [],
-            "threads": self.threads, "n_ctx": self.n_ctx, "n_batch": self.n_batch,
-            "graph_contract": self.record.get("contract"),
-            "kv_dtype": np.dtype(self._kv_dtype).name, "kv_shared_buffer": True,
-            "kv_buffer_bytes": self.kv_bytes_held() if self._session else 0,
-            "model_file": str(self.path),
-            "external_data": sorted({r.location for r in self.external_data}),
-            "onnxruntime_version": ort.__version__,
-        }
-
     def close(self) -> None:
-        """Release the session, its binding and the buffers."""
+        """Release the binding and the buffers."""
         self._binding = None
-        self._session = None
         self._kv = []
-        self._kv_bind = []
-
-
-def open(path: Path, options: RuntimeOptions) -> GQASharedKV:  # noqa: A001 - registry-style hook
-    """Open a builder graph folder's ``model.onnx`` by its manifest's graph record."""
-    return GQASharedKV(path, options)
