@@ -215,3 +215,17 @@ def test_builder_conversion_never_imports_torch(tiny_model, tmp_path: Path) -> N
             "format='onnx', quant='int4', verify=False); assert a.manifest['exporter'] == 'builder'")
     modules = top_modules_after(code)
     assert "onnx" in modules and not modules & {"torch", "transformers", "optimum", "accelerate"}
+
+
+def test_tensor_shape_against_config_is_checked_first(tiny_model, tmp_path: Path) -> None:
+    src = tmp_path / "wrong"
+    src.mkdir()
+    for p in tiny_model("qwen2").iterdir():
+        (src / p.name).write_bytes(p.read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    config["intermediate_size"] = 96  # the checkpoint's MLP is 128 wide
+    (src / "config.json").write_text(json.dumps(config))
+    wrong = r"model.safetensors: tensor 'model.layers.0.mlp.[\w.]+' has shape \[.*128.*\] but config.json"
+    with pytest.raises(errors.ConversionError, match=wrong + r" implies \[.*96.*\]"):
+        edgellm.convert(src, tmp_path / "out", verify=False, **BUILDER)
+    assert not (tmp_path / "out").exists()

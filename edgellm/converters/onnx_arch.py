@@ -29,7 +29,8 @@ from typing import Any
 from edgellm.converters.onnx_rope import ROPE_TYPES, rope_type
 from edgellm.spec import ModelSpec
 
-__all__ = ["ACTIVATIONS", "BUILDER_ARCHS", "BuilderArch", "LayerPlan", "layer_plans", "refusals"]
+__all__ = ["ACTIVATIONS", "BUILDER_ARCHS", "BuilderArch", "LayerPlan", "expected_shape", "layer_plans",
+           "refusals"]
 
 Config = Mapping[str, Any]
 
@@ -156,3 +157,23 @@ def refusals(cfg: Config, spec: ModelSpec) -> list[str]:
     if spec.head_dim % 2:
         out.append(f"head_dim {spec.head_dim} is odd; rotary embeddings need an even head size")
     return out
+
+
+def _shapes(s: ModelSpec) -> dict[str, tuple[int, ...]]:
+    q, kv, h, i = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.hidden_size, s.intermediate_size
+    return {
+        "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h), "self_attn.qkv_proj.weight": (q + 2 * kv, h),
+        "self_attn.o_proj.weight": (h, q), "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.bias": (kv,), "self_attn.q_norm.weight": (s.head_dim,),
+        "self_attn.k_norm.weight": (s.head_dim,), "mlp.gate_proj.weight": (i, h),
+        "mlp.up_proj.weight": (i, h),
+        "mlp.gate_up_proj.weight": (2 * i, h), "mlp.down_proj.weight": (h, i), "layernorm.weight": (h,),
+        "embed_tokens.weight": (s.vocab_size, h), "lm_head.weight": (s.vocab_size, h), "norm.weight": (h,),
+    }
+
+
+def expected_shape(spec: ModelSpec, name: str) -> tuple[int, ...] | None:
+    """The shape config.json implies for checkpoint tensor ``name`` (None: not one the builder reads)."""
+    shapes = _shapes(spec)
+    return next((shape for suffix, shape in shapes.items() if name.endswith(suffix)), None)

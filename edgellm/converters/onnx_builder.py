@@ -77,12 +77,27 @@ def _options(recipe: Any, spec: ModelSpec) -> Any:
     return BuildOptions(recipe.bits, recipe.block_size, bool(recipe.sym), recipe.accuracy_level, embed, grid)
 
 
-def _write_graph(hf_dir: Path, stage: Path, cfg: dict[str, Any], spec: ModelSpec, opts: Any) -> Any:
+def _check_shapes(ckpt: Any, spec: ModelSpec) -> None:
+    """Every tensor the builder reads has the shape config.json implies (headers only)."""
+    from edgellm.converters.onnx_arch import expected_shape
+
+    for name, info in ckpt.items():
+        want = expected_shape(spec, name)
+        if want is not None and tuple(info.shape) != want:
+            raise ConversionError(
+                f"{info.file}: tensor {name!r} has shape {list(info.shape)} but config.json implies "
+                f"{list(want)} for a {spec.architecture} model; the checkpoint does not match its "
+                "config.json")
+
+
+def _write_graph(hf_dir: Path, stage: Path, cfg: dict[str, Any], spec: ModelSpec,
+                 opts: Any) -> tuple[Any, int]:
     from edgellm.converters.onnx_decoder import OPSETS, DecoderBuilder, Reader
     from edgellm.converters.onnx_graph import GraphWriter
     from edgellm.converters.safetensors import open_checkpoint
 
     ckpt = open_checkpoint(hf_dir)
+    _check_shapes(ckpt, spec)
     writer = GraphWriter(stage, OPSETS)
     try:
         builder = DecoderBuilder(writer, Reader(ckpt), cfg, spec, opts)
@@ -94,8 +109,7 @@ def _write_graph(hf_dir: Path, stage: Path, cfg: dict[str, Any], spec: ModelSpec
     finally:
         writer.abort()
         ckpt.close()
-    builder.largest_tensor_bytes = writer.largest_tensor_bytes
-    return builder
+    return builder, writer.largest_tensor_bytes
 
 
 def _check(path: Path) -> None:
@@ -138,7 +152,7 @@ def convert_with_builder(source: Any, output: Path, recipe: Any, *, force: bool 
         opts = _options(recipe, spec)
         if progress:
             progress(0, spec.n_layers, "build graph")
-        builder = _write_graph(hf_dir, stage.path, cfg, spec, opts)
+        builder, largest = _write_graph(hf_dir, stage.path, cfg, spec, opts)
         _check(stage.path / MODEL_FILE)
         copied = copy_runtime_files(hf_dir, stage.path, "ONNX Runtime")
         contract = builder.contract()
@@ -151,8 +165,8 @@ def convert_with_builder(source: Any, output: Path, recipe: Any, *, force: bool 
             "exporter": "builder",
             "recipe": _recipe(recipe, opts),
             "graph": contract,
-            "builder": {**builder.features(), "largest_tensor_bytes": builder.largest_tensor_bytes},
-            "operators": builder.features()["operators"],
+            "builder": {**builder.features(), "largest_tensor_bytes": largest},
+            "operators": dict(sorted(builder.ops.items())),
             **source.manifest_common(),
             "tool": tool_versions("onnx", "onnxruntime", "numpy"),
         }

@@ -8,7 +8,7 @@ the rows say what differs. Per layer (ONNX Runtime contrib operators, ``com.micr
       ─ O ─ SkipSimplifiedLayerNormalization ─ gate|up (one MatMul) ─ act(gate) * up ─ down
 
 Skip-norms carry the residual stream (their 4th output is ``input + skip``). Gemma's sandwich
-norms add a plain ``SimplifiedLayerNormalization`` after attention and after the MLP.
+norms add a plain ``RMSNormalization`` (ONNX 23) after attention and after the MLP.
 The last norm feeds the LM head through ``Slice(hidden, -logits_to_keep)``: ``logits_to_keep``
 is an overridable initializer (default 0 = every position, what onnxruntime-genai expects);
 edgellm's runtime binds 1 so a prefill computes one row of logits, not one per token.
