@@ -173,6 +173,14 @@ def test_exporter_choice_and_refusals(tiny_model) -> None:
         onnx_conv.choose_exporter("builder", spec, "fp32", yarn)
 
 
+def test_default_falls_back_to_optimum_and_says_why(tiny_model, tmp_path: Path) -> None:
+    require("optimum.exporters.onnx")
+    art = edgellm.convert(tiny_model("llama"), tmp_path / "f16", format="onnx", quant="fp16", verify=False)
+    m = art.manifest
+    assert m["exporter"] == "optimum" and m["graph"]["contract"] == "optimum-concat/1"
+    assert "quantization 'fp16' is not one the builder writes" in m["exporter_why"]
+
+
 def test_runtime_binds_by_the_record_only(tiny_model, tmp_path: Path) -> None:
     art = edgellm.convert(tiny_model("llama"), tmp_path / "l", verify=False, **BUILDER)
     manifest_path = art.path / "edgellm.json"

@@ -329,13 +329,15 @@ def convert_to_onnx(
     ``reference`` names another one. ``block_size``, ``sym`` and ``accuracy_level`` tune
     int4/int8 MatMulNBits (defaults: 32, asymmetric, 4).
     """
+    from edgellm.converters.onnx_builder import builder_refusals
     from edgellm.converters.source import open_source
     from edgellm.spec import read_hf_config
 
     source = open_source(src, allow_pickle=allow_pickle)
     recipe = onnx_recipe(quant, block_size=block_size, sym=sym, accuracy_level=accuracy_level)
     cfg = read_hf_config(source.path) if source.kind == "hf" else None
-    if choose_exporter(exporter, source.spec, recipe.quant, cfg) == "builder":
+    chosen = choose_exporter(exporter, source.spec, recipe.quant, cfg)
+    if chosen == "builder":
         from edgellm.converters.onnx_builder import convert_with_builder
 
         return convert_with_builder(source, output, recipe, force=force, verify=verify, reference=reference,
@@ -371,6 +373,8 @@ def convert_to_onnx(
             "files": {"model": MODEL_FILE, "weights": files[1:], "tokenizer": copied},
             "quantization": recipe.quant,
             "exporter": "optimum",
+            "exporter_why": ("asked for" if exporter == "optimum" else
+                             "; ".join(builder_refusals(source.spec, recipe.quant, cfg))),
             "recipe": recipe.to_dict(),
             "operators": _count_ops(model_path),
             "graph": _graph_record(model_path, source.spec.n_layers),
