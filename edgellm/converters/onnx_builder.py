@@ -91,13 +91,14 @@ def _check_shapes(ckpt: Any, spec: ModelSpec) -> None:
 
 
 def _write_graph(hf_dir: Path, stage: Path, cfg: dict[str, Any], spec: ModelSpec,
-                 opts: Any) -> tuple[Any, int]:
+                 opts: Any) -> tuple[Any, dict[str, int]]:
     from edgellm.converters.onnx_decoder import OPSETS, DecoderBuilder, Reader
     from edgellm.converters.onnx_graph import GraphWriter
     from edgellm.converters.safetensors import open_checkpoint
 
     ckpt = open_checkpoint(hf_dir)
     _check_shapes(ckpt, spec)
+    largest_read = max(info.numel * 4 for _, info in ckpt.items())  # read as float32
     writer = GraphWriter(stage, OPSETS)
     try:
         builder = DecoderBuilder(writer, Reader(ckpt), cfg, spec, opts)
@@ -109,7 +110,8 @@ def _write_graph(hf_dir: Path, stage: Path, cfg: dict[str, Any], spec: ModelSpec
     finally:
         writer.abort()
         ckpt.close()
-    return builder, writer.largest_tensor_bytes
+    return builder, {"largest_source_tensor_bytes": largest_read,
+                     "largest_written_tensor_bytes": writer.largest_tensor_bytes}
 
 
 def _check(path: Path) -> None:
@@ -152,7 +154,7 @@ def convert_with_builder(source: Any, output: Path, recipe: Any, *, force: bool 
         opts = _options(recipe, spec)
         if progress:
             progress(0, spec.n_layers, "build graph")
-        builder, largest = _write_graph(hf_dir, stage.path, cfg, spec, opts)
+        builder, sizes = _write_graph(hf_dir, stage.path, cfg, spec, opts)
         _check(stage.path / MODEL_FILE)
         copied = copy_runtime_files(hf_dir, stage.path, "ONNX Runtime")
         contract = builder.contract()
@@ -165,7 +167,7 @@ def convert_with_builder(source: Any, output: Path, recipe: Any, *, force: bool 
             "exporter": "builder",
             "recipe": _recipe(recipe, opts),
             "graph": contract,
-            "builder": {**builder.features(), "largest_tensor_bytes": largest},
+            "builder": {**builder.features(), **sizes},
             "operators": dict(sorted(builder.ops.items())),
             **source.manifest_common(),
             "tool": tool_versions("onnx", "onnxruntime", "numpy"),
