@@ -177,6 +177,7 @@ def _markdown(med: dict, sizes: dict, convert: dict, interop: list[str], note: s
     from edgellm.profiling.machine import machine_info
 
     m = machine_info()
+    load = f"1-minute load average {args.load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     lines = [
         "## ONNX (benchmarks/bench_onnx.py)", "",
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {m['cpu_model']}, "
@@ -184,7 +185,8 @@ def _markdown(med: dict, sizes: dict, convert: dict, interop: list[str], note: s
         f"{m['packages'].get('onnxruntime', '?')}. SmolLM2-135M-Instruct; greedy, {args.tokens} new "
         f"tokens, {THREADS} threads, CPU; median of {args.repeats} interleaved runs, each in a fresh "
         "process. int4 everywhere: MatMulNBits block 32, accuracy level 4 (edgellm asymmetric, "
-        "onnxruntime-genai symmetric); the optimum rows run the folder edgellm's optimum exporter wrote.", "",
+        "onnxruntime-genai symmetric); the optimum rows run the folder edgellm's optimum exporter wrote. "
+        f"The machine is shared ({load}): compare rows, not runs.", "",
         "| model | runtime | size MiB | decode tok/s | TTFT ms | load s |", "|---|---|---:|---:|---:|---:|",
     ]
     for quant, by_kind in med.items():
@@ -225,6 +227,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=128)
     args = parser.parse_args()
+    args.load_start = os.getloadavg()[0]
 
     from benchmarks.bench_gguf import update_benchmarks_md
     from tests.fixtures.smollm2 import smollm2_hf_dir

@@ -237,3 +237,14 @@ def test_tensor_shape_against_config_is_checked_first(tiny_model, tmp_path: Path
     with pytest.raises(errors.ConversionError, match=wrong + r" implies \[.*96.*\]"):
         edgellm.convert(src, tmp_path / "out", verify=False, **BUILDER)
     assert not (tmp_path / "out").exists()
+
+
+def test_gguf_source_is_dequantized_then_built(tiny_model, tmp_path: Path) -> None:
+    """A GGUF source goes through the dequantized checkpoint (transformers, so torch, as for optimum)."""
+    hf = tiny_model("qwen3")
+    gguf = edgellm.convert(hf, tmp_path / "gguf", format="gguf", quant="F32").model_file
+    art = edgellm.convert(gguf, tmp_path / "onnx", verify_with=hf, **BUILDER)
+    m = art.manifest
+    assert m["source"]["source_kind"] == "gguf" and m["exporter"] == "builder"
+    assert m["parity"]["max_abs_logit_diff"] <= TOL and m["parity"]["top1_agreement"] == 1.0
+    assert not [p.name for p in art.path.iterdir() if p.name.startswith(".")]  # no dequantized copy left
