@@ -143,6 +143,7 @@ class GQASession:
             self._binding.bind_input(slot.past, "cpu", 0, e.kv_dtype, shape, ptr)
             self._binding.bind_output(slot.present, "cpu", 0, e.kv_dtype, shape, ptr)
         self._past = 0
+        self._bound: tuple[int, int] = (0, 0)  # (tokens, logits rows) the binding has now
         self.cache = KVCache(n_ctx, e.kv_bytes_per_token(), e.kv_precision,
                              frozenset({KVAbility.TRIM, KVAbility.SNAPSHOT}), self._held_bytes,
                              lambda: self._past)
@@ -179,12 +180,14 @@ class GQASession:
         keep = m if all_logits or eng.in_keep is None else 1
         self._ids[:m] = ids
         self._keep[0] = keep
-        bind.bind_input(eng.in_ids, "cpu", 0, eng.ids_dtype, [1, m], int(self._ids.ctypes.data))
+        if self._bound != (m, keep):  # a decode step rebinds only the mask (its length grows)
+            bind.bind_input(eng.in_ids, "cpu", 0, eng.ids_dtype, [1, m], int(self._ids.ctypes.data))
+            if eng.in_keep is not None:
+                bind.bind_input(eng.in_keep, "cpu", 0, np.int64, [1], int(self._keep.ctypes.data))
+            bind.bind_output(eng.out_logits, "cpu", 0, np.float32, [1, keep, eng.n_vocab],
+                             int(self._logits.ctypes.data))
+            self._bound = (m, keep)
         bind.bind_input(eng.in_mask, "cpu", 0, eng.mask_dtype, [1, total], int(self._mask.ctypes.data))
-        if eng.in_keep is not None:
-            bind.bind_input(eng.in_keep, "cpu", 0, np.int64, [1], int(self._keep.ctypes.data))
-        bind.bind_output(eng.out_logits, "cpu", 0, np.float32, [1, keep, eng.n_vocab],
-                         int(self._logits.ctypes.data))
         eng.run(bind)  # a failed run may leave new positions half written; n_past is unchanged
         self._past = total
         return self._logits[: keep * eng.n_vocab].reshape(keep, eng.n_vocab)
