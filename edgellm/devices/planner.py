@@ -17,7 +17,8 @@ Predicted peak resident bytes = runtime + tokenizer + resident weights + KV + co
   the IR's ``.bin``, ``model.onnx`` plus external data; parameters x bits-per-weight for a
   source) plus the working copies a runtime makes of them;
 - KV: ``2 x layers x kv_heads x head_dim x bytes(precision)`` per token, twice for ONNX
-  Runtime's ping-pong buffers, at the full context. Sliding-window layers (Gemma 2/3,
+  Runtime's ping-pong buffers on optimum's graphs (once on edgellm's builder graphs: past and
+  present share one buffer), at the full context. Sliding-window layers (Gemma 2/3,
   Mistral) are *not* accounted for: every layer gets the full context, an upper bound;
 - compute: activations at a full context (a prompt that fills it).
 
@@ -42,7 +43,11 @@ after each step, in fresh processes, the context filled by the prompt:
   (prepacked kernels; fitted on int4 and fp32, int8 within 4%). Prefill adds the logits
   buffer (n_batch x vocab x 4), both KV buffers, and eager attention (scores and softmax:
   2 x heads x n_batch x n_ctx x 4 B) plus MLP activations (3 x n_batch x intermediate x 4 B):
-  predicted 644 / 834 MiB, measured 603 / 839 MiB at n_ctx 512 / 2048 (int4).
+  predicted 644 / 834 MiB, measured 603 / 839 MiB at n_ctx 512 / 2048 (int4). Those are
+  optimum's graphs; edgellm's builder graphs (the default ONNX exporter) hold 46 MiB + 0.174 x
+  the layer weight bytes after load, one KV copy, and one prefill chunk of activations
+  (no score matrix, one row of logits): predicted 272 / 339 MiB, measured 276 / 349 MiB at
+  n_ctx 512 / 2048 (int4).
 - OpenVINO CPU prefills the whole prompt in one request; its peak grew linearly with the
   prompt, 0.46 MiB per token from 472 to 2008 tokens (no quadratic attention term: fused
   SDPA): twice the float32 logits per token (2 x vocab x 4) plus 32 B x (hidden + intermediate)
@@ -130,7 +135,9 @@ class Quant:
     Rows of a format are in preference order, most precise first; ``auto`` rows are the ladder
     the planner walks, the others only serve as suggestions and to size artifacts. ``kv`` fixes
     the KV precision (an ONNX graph's float type); ``npu`` marks the NPU recipe; ``float_bits``
-    float weights.
+    float weights. ``exporter`` names the ONNX exporter that writes the row: edgellm's
+    ``builder`` keeps one KV copy and no float copy of a tied table; ``optimum`` rows size
+    optimum's graphs (the default exporter for fp16 and int8-dynamic, and older artifacts).
     """
 
     format: str
@@ -144,6 +151,7 @@ class Quant:
     npu: bool = False
     float_bits: int | None = None
     convert_options: tuple[tuple[str, Any], ...] = ()
+    exporter: str | None = None
 
 
 #: GGUF: Llama-2-7B bits per weight from llama.cpp's examples/quantize/README.md (the whole file:
@@ -155,7 +163,9 @@ class Quant:
 #: ONNX, measured: fp32 32.1; MatMulNBits block 32 with float32 scales: int4 4 + 32/32 + 4/32 =
 #: 5.125, int8 8 + 1 + 8/32 = 9.25, the embedding kept float32 (182.6 MB file, 181.3 predicted).
 #: ONNX int4 since the converter unties the lm_head: embedding (GatherBlockQuantized) and lm_head
-#: both int4 at 5.125 (SmolLM2: 109.2 MB file).
+#: both int4 at 5.125 (SmolLM2: 109.2 MB file). The builder stores a tied int4 table once, read
+#: by both (SmolLM2: 88.5 MB file, 88.6 predicted); its int8 keeps the table float32 and an int8
+#: copy for the head.
 QUANTS: tuple[Quant, ...] = (
     Quant("gguf", "F32", 32, auto=False, float_bits=32),
     Quant("gguf", "F16", 16, float_bits=16),
@@ -174,17 +184,23 @@ QUANTS: tuple[Quant, ...] = (
     Quant("openvino", "int4", 4.3125, embed_bits=8.04, head_bits=8.04),
     Quant("openvino", "int4", 4.03, embed_bits=8.04, head_bits=8.04, npu=True,
           convert_options=(("npu", True),)),
-    Quant("onnx", "fp32", 32, kv="f32", auto=False, float_bits=32),
-    Quant("onnx", "fp16", 16, kv="f16", float_bits=16),
-    Quant("onnx", "int8", 9.25, embed_bits=32, kv="f32"),
-    Quant("onnx", "int4", 5.125, embed_bits=5.125, head_bits=5.125, unties=True, kv="f32"),
-    Quant("onnx", "int8-dynamic", 8.0, embed_bits=32, kv="f32", auto=False),
+    Quant("onnx", "fp32", 32, kv="f32", auto=False, float_bits=32, exporter="builder"),
+    Quant("onnx", "fp16", 16, kv="f16", float_bits=16, exporter="optimum"),
+    Quant("onnx", "int8", 9.25, embed_bits=32, head_bits=9.25, unties=True, kv="f32", exporter="builder"),
+    Quant("onnx", "int4", 5.125, embed_bits=5.125, kv="f32", exporter="builder"),
+    Quant("onnx", "int8-dynamic", 8.0, embed_bits=32, kv="f32", auto=False, exporter="optimum"),
+    Quant("onnx", "fp32", 32, kv="f32", auto=False, float_bits=32, exporter="optimum"),
+    Quant("onnx", "int8", 9.25, embed_bits=32, kv="f32", auto=False, exporter="optimum"),
+    Quant("onnx", "int4", 5.125, embed_bits=5.125, head_bits=5.125, unties=True, kv="f32", auto=False,
+          exporter="optimum"),
 )
 
 
-def find_quant(fmt: str, name: str | None) -> Quant | None:
-    """The (first) table row of ``name`` (case-insensitive) in ``fmt``, or None when it has none."""
-    return next((q for q in QUANTS if q.format == fmt and name and q.name.lower() == name.lower()), None)
+def find_quant(fmt: str, name: str | None, exporter: str | None = None) -> Quant | None:
+    """The (first) table row of ``name`` (case-insensitive) in ``fmt`` (written by ``exporter`` when
+    given), or None when it has none."""
+    return next((q for q in QUANTS if q.format == fmt and name and q.name.lower() == name.lower()
+                 and (exporter is None or q.exporter in (None, exporter))), None)
 
 
 def weight_bytes(spec: ModelSpec, quant: Quant) -> int:
@@ -222,13 +238,25 @@ def _llama_weights(spec: ModelSpec, quant: Quant | None, file_bytes: int) -> int
     return file_bytes  # memory-mapped; every page is touched by the first forward pass
 
 
-def _llama_compute(spec: ModelSpec, n_ctx: int) -> int:
+def _llama_compute(spec: ModelSpec, n_ctx: int, quant: Quant | None) -> int:
     rows = _batch(n_ctx)
     return int(rows * (spec.hidden_size + spec.intermediate_size) * 4 * 3.5 + rows * n_ctx * 2)
 
 
+#: edgellm's builder graphs (345 nodes for SmolLM2, against optimum's 7,249) after load, minus
+#: runtime, tokenizer and file bytes, measured: int4 58 MiB, fp32 117 MiB, i.e. 46 MiB + 0.174 x
+#: the layer weight bytes (no float copy of the tied table: the head reads the table itself).
+_BUILDER_FIXED = 46 * MiB
+_BUILDER_PREPACK = 0.174
+_ORT_FIXED = 68 * MiB  # optimum's graphs (the backend row's fixed bytes)
+
+
 def _ort_weights(spec: ModelSpec, quant: Quant | None, file_bytes: int) -> int:
-    folded = spec.tied_embeddings and not (quant is not None and quant.unties)  # Transpose(embedding)
+    if quant is not None and quant.exporter == "builder":  # the row's fixed bytes are optimum's
+        return int(file_bytes + _BUILDER_PREPACK * _layer_bytes(spec, quant, file_bytes)
+                   + _BUILDER_FIXED - _ORT_FIXED)
+    # optimum's tied lm_head is Transpose(embedding), constant-folded into a float copy
+    folded = spec.tied_embeddings and not (quant is not None and quant.unties)
     tied_copy = spec.vocab_size * spec.hidden_size * KV_BYTES[_ort_kv(quant)] if folded else 0
     return int(file_bytes + 0.62 * _layer_bytes(spec, quant, file_bytes) + tied_copy)
 
@@ -237,8 +265,12 @@ def _ort_kv(quant: Quant | None) -> str:
     return quant.kv if quant is not None and quant.kv else "f32"
 
 
-def _ort_compute(spec: ModelSpec, n_ctx: int) -> int:
+def _ort_compute(spec: ModelSpec, n_ctx: int, quant: Quant | None) -> int:
     rows = _batch(n_ctx)
+    if quant is not None and quant.exporter == "builder":
+        # one row of logits (logits_to_keep); GroupQueryAttention keeps no full score matrix:
+        # fitted on SmolLM2 int4, 25.5 / 27 MiB measured at n_ctx 512 / 2048 (a 512-token chunk)
+        return rows * (4 * spec.intermediate_size + 8 * spec.hidden_size) * 4
     logits = rows * spec.vocab_size * 4
     attention = 2 * spec.n_heads * rows * n_ctx * 4
     return logits + attention + 3 * rows * spec.intermediate_size * 4
@@ -252,7 +284,7 @@ def _ov_weights(spec: ModelSpec, quant: Quant | None, file_bytes: int) -> int:
     return file_bytes + spec.vocab_size * spec.hidden_size * 4  # float32 lm_head
 
 
-def _ov_compute(spec: ModelSpec, n_ctx: int) -> int:
+def _ov_compute(spec: ModelSpec, n_ctx: int, quant: Quant | None) -> int:
     return n_ctx * (2 * spec.vocab_size * 4 + 32 * (spec.hidden_size + spec.intermediate_size))
 
 
@@ -268,7 +300,7 @@ class BackendModel:
     kv_ladder: tuple[str, ...]  # KV precisions tried, best first; () = fixed by the artifact
     npu_static: bool  # compiles the static shapes an NPU needs
     weights: Callable[[ModelSpec, Quant | None, int], int]
-    compute: Callable[[ModelSpec, int], int]
+    compute: Callable[[ModelSpec, int, Quant | None], int]
 
 
 BACKEND_MODELS: dict[str, BackendModel] = {
@@ -277,7 +309,7 @@ BACKEND_MODELS: dict[str, BackendModel] = {
                      _llama_weights, _llama_compute),
         BackendModel("openvino", int(25.6 * MiB), 40 * MiB, 680, 1, ("f16", "u8"), True,
                      _ov_weights, _ov_compute),
-        BackendModel("onnxruntime", int(21.9 * MiB), 68 * MiB, 680, 2, (), False,
+        BackendModel("onnxruntime", int(21.9 * MiB), _ORT_FIXED, 680, 2, (), False,
                      _ort_weights, _ort_compute),
     )
 }
@@ -300,13 +332,14 @@ class ModelInfo:
     file_bytes: int | None = None  # exact weight bytes of an artifact
     npu_ready: str | None = None  # None when fine for an NPU, else why not
     npu_shapes: tuple[int | None, int | None] | None = None  # (max_prompt_len, min_response_len)
+    exporter: str | None = None  # ONNX: which exporter wrote the artifact
 
     @property
     def is_artifact(self) -> bool:
         return self.format is not None
 
     def quant(self) -> Quant | None:
-        return find_quant(self.format or "", self.quantization)
+        return find_quant(self.format or "", self.quantization, self.exporter)
 
     def to_dict(self) -> dict[str, Any]:
         """The model as the plan's JSON shows it."""
@@ -365,7 +398,10 @@ def _read_onnx(art: Artifact) -> ModelInfo:
     names |= {p.name for p in art.model_file.parent.glob(art.model_file.name + "*")}
     size = sum((art.model_file.parent / n).stat().st_size for n in names
                if (art.model_file.parent / n).is_file())
-    return ModelInfo(_folder_spec(art), str(art.path), "onnx", art.quantization, size)
+    graph = art.manifest.get("graph") or {}
+    shared = bool((graph.get("kv") or {}).get("past_present_share_buffer"))
+    exporter = art.manifest.get("exporter") or ("builder" if shared else "optimum")
+    return ModelInfo(_folder_spec(art), str(art.path), "onnx", art.quantization, size, exporter=exporter)
 
 
 def _read_hf(art: Artifact) -> ModelInfo:
@@ -485,8 +521,13 @@ class _Option:
     convert_options: tuple[tuple[str, Any], ...] = ()
     kv_budget: int | None = None  # KV bytes every session together may hold
 
+    @property
+    def kv_copies(self) -> int:
+        """KV copies a session keeps: one on a builder graph (past and present share a buffer)."""
+        return 1 if self.quant is not None and self.quant.exporter == "builder" else self.backend.kv_copies
+
     def kv_per_token(self, spec: ModelSpec) -> int:
-        return self.backend.kv_copies * kv_bytes_per_token(spec, self.kv)
+        return self.kv_copies * kv_bytes_per_token(spec, self.kv)
 
     def kv_cost(self, spec: ModelSpec, n_ctx: int) -> int:
         """A session of ``n_ctx``; with a budget, the whole budget (sessions may fill it together)."""
@@ -497,7 +538,7 @@ class _Option:
         b = self.backend
         parts = {"weights": b.weights(spec, self.quant, self.file_bytes),
                  "kv": self.kv_cost(spec, n_ctx),
-                 "compute": b.compute(spec, n_ctx),
+                 "compute": b.compute(spec, n_ctx, self.quant),
                  "runtime": PROCESS_BYTES + b.import_bytes + b.fixed_bytes,
                  "tokenizer": b.tokenizer_bytes_per_entry * spec.vocab_size}
         return {k: int(v) for k, v in parts.items()}
@@ -549,7 +590,7 @@ def _sized(opt: _Option, spec: ModelSpec, context: int) -> Candidate:
         backend=opt.backend.name, device=opt.device, format=opt.format, quantization=opt.quant_name,
         kv_precision=opt.kv, status="fits" if ok else "rejected", reason=reason,
         weight_bytes=opt.file_bytes, weights_exact=opt.exact,
-        kv_bytes_per_token=opt.backend.kv_copies * kv_bytes_per_token(spec, opt.kv),
+        kv_bytes_per_token=opt.kv_per_token(spec),
         budget_bytes=opt.budget, context=context, max_context=best, context_cap=opt.cap,
         predicted_peak_bytes=sum(parts.values()), required_bytes=opt.required(spec, context),
         breakdown=parts, convert_options=dict(opt.convert_options),

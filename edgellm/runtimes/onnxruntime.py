@@ -1,4 +1,9 @@
-"""The ONNX Runtime backend: a decoder with explicit KV inputs, as exported by optimum.
+"""The ONNX Runtime backend: a decoder with explicit KV inputs, bound by its graph contract.
+
+:func:`open` reads the contract from the manifest's ``graph`` record (:data:`GRAPH_ENGINES`):
+edgellm's builder graphs (``gqa-shared-kv/1``: one in-place KV buffer) run on
+:class:`edgellm.runtimes.ort_gqa.GQAEngine`; optimum exports (``optimum-concat/1``, or a
+folder without a record) on :class:`ORTEngine`, described below.
 
 The artifact is a folder: ``model.onnx`` (plus an optional external-data file such as
 ``model.onnx.data``), ``config.json`` (read into a :class:`~edgellm.spec.ModelSpec`) and the
@@ -454,10 +459,7 @@ class ORTSession:
                 f"{self._past} tokens in the cache + {n} new > its {self.n_ctx} tokens; "
                 "open the session with a larger n_ctx"
             )
-        ids = np.asarray(tokens, dtype=np.int64)
-        if int(ids.min()) < 0 or int(ids.max()) >= eng.n_vocab:
-            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-            raise InvalidInputError(f"token id {bad} is outside the vocabulary [0, {eng.n_vocab})")
+        ids = check_tokens(tokens, eng.n_vocab)
         out = np.empty((n, eng.n_vocab), dtype=np.float32) if all_logits else None
         for start in range(0, n, self.n_batch):
             rows = self._run(ids[start:start + self.n_batch])
@@ -548,6 +550,17 @@ class ORTSession:
         self._kv_ptrs = [[], []]
 
 
+def check_tokens(tokens: Sequence[int], n_vocab: int) -> np.ndarray:
+    """``tokens`` as int64 ids, refused when empty or outside ``[0, n_vocab)``."""
+    if len(tokens) == 0:
+        raise ValueError("forward() needs at least one token")
+    ids = np.asarray(tokens, dtype=np.int64)
+    if int(ids.min()) < 0 or int(ids.max()) >= n_vocab:
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise InvalidInputError(f"token id {bad} is outside the vocabulary [0, {n_vocab})")
+    return ids
+
+
 def _positive(value: Any, name: str) -> int:
     """``value`` as an int >= 1 (an int, or digits from a command line)."""
     if isinstance(value, str) and value.strip().isdigit():
@@ -557,6 +570,28 @@ def _positive(value: Any, name: str) -> int:
     return value
 
 
+#: The manifest's ``graph.contract`` -> module whose ``GQAEngine``-style class runs it
+#: (``None``: :class:`ORTEngine`). A folder without a record is an optimum export.
+GRAPH_ENGINES: dict[str, tuple[str, str] | None] = {
+    "optimum-concat/1": None,
+    "gqa-shared-kv/1": ("edgellm.runtimes.ort_gqa", "GQAEngine"),
+}
+
+
 def open(path: Path, options: RuntimeOptions) -> ORTEngine:  # noqa: A001 - registry hook
-    """Open an optimum-exported ONNX decoder (model.onnx) with ONNX Runtime (the registry's hook)."""
-    return ORTEngine(path, options)
+    """Open an ONNX decoder (model.onnx) with the engine its manifest's graph record names."""
+    import importlib
+
+    from edgellm.runtimes.ort_gqa import graph_record
+
+    record = graph_record(Path(path).parent)
+    contract = None if record is None else record.get("contract")
+    if contract is not None and contract not in GRAPH_ENGINES:
+        raise InvalidModelError(
+            f"{path}: graph contract {contract!r} in its manifest is not one this edgellm runs "
+            f"({', '.join(GRAPH_ENGINES)}); upgrade edgellm or re-convert the model")
+    target = GRAPH_ENGINES.get(contract) if contract else None
+    if target is None:
+        return ORTEngine(path, options)
+    module, cls = target
+    return getattr(importlib.import_module(module), cls)(path, options, record)
