@@ -248,3 +248,17 @@ def test_gguf_source_is_dequantized_then_built(tiny_model, tmp_path: Path) -> No
     assert m["source"]["source_kind"] == "gguf" and m["exporter"] == "builder"
     assert m["parity"]["max_abs_logit_diff"] <= TOL and m["parity"]["top1_agreement"] == 1.0
     assert not [p.name for p in art.path.iterdir() if p.name.startswith(".")]  # no dequantized copy left
+
+
+def test_builder_sessions_shift_like_llamacpp(tiny_model, tmp_path: Path) -> None:
+    from tests.fixtures import session_checks
+
+    art = edgellm.convert(tiny_model("llama"), tmp_path / "b", format="onnx", quant="fp32", verify=False)
+
+    def load(**kw: object):  # type: ignore[no-untyped-def]
+        return edgellm.load(art.path, backend="onnxruntime", device="cpu", threads=1, **kw)
+
+    assert session_checks.check_sliding(load)["shift"]  # one in-place buffer, keys re-rotated
+    session_checks.check_shift_matches_llamacpp(load, tiny_model("llama"), tmp_path)
+    session_checks.check_save_restore(load, tmp_path)
+    session_checks.check_trim_equals_recompute(load)

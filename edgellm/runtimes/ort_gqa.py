@@ -33,6 +33,7 @@ from edgellm.errors import (
 )
 from edgellm.kvcache import KVAbility, KVCache
 from edgellm.kvcache.arrays import pack_arrays, unpack_arrays
+from edgellm.kvcache.rope import rotate_keys
 from edgellm.runtimes.base import RuntimeOptions
 from edgellm.runtimes.onnxruntime import ORTEngine, _KVSlot, check_tokens
 
@@ -144,8 +145,9 @@ class GQASession:
             self._binding.bind_output(slot.present, "cpu", 0, e.kv_dtype, shape, ptr)
         self._past = 0
         self._bound: tuple[int, int] = (0, 0)  # (tokens, logits rows) the binding has now
-        self.cache = KVCache(n_ctx, e.kv_bytes_per_token(), e.kv_precision,
-                             frozenset({KVAbility.TRIM, KVAbility.SNAPSHOT}), self._held_bytes,
+        abilities = frozenset(KVAbility) if e.rope_omega is not None else \
+            frozenset({KVAbility.TRIM, KVAbility.SNAPSHOT})
+        self.cache = KVCache(n_ctx, e.kv_bytes_per_token(), e.kv_precision, abilities, self._held_bytes,
                              lambda: self._past)
 
     def _held_bytes(self) -> int:
@@ -197,8 +199,16 @@ class GQASession:
         self._past = min(self._past, max(0, int(n_keep)))
 
     def shift(self, start: int, n_discard: int) -> None:
-        """Not available: the cached keys are already rotated (the loop re-prefills instead)."""
-        raise BackendError("the ONNX Runtime backend cannot shift its KV cache; the loop re-prefills instead")
+        """Drop positions ``[start, start + n_discard)`` in place; later keys re-rotated to their
+        new positions (GroupQueryAttention caches rotated keys, halves paired: rotary_interleaved=0)."""
+        omega = self._engine.rope_omega
+        if omega is None:
+            raise BackendError(f"{self._engine.path}: this model's RoPE cannot be shifted; re-prefill")
+        past, n = self._past, n_discard
+        for slot, buf in zip(self._engine.slots, self._kv, strict=True):
+            moved = buf[0, :, start + n:past]
+            buf[0, :, start:past - n] = rotate_keys(moved, -n, omega) if slot.is_key else moved.copy()
+        self._past = past - n
 
     def save_state(self) -> bytes:
         """The filled part of every KV tensor, named by its graph input."""
