@@ -22,10 +22,19 @@ def artifacts(smollm2_converted):
 
 
 def test_f32_reproduces_transformers_greedy_tokens(artifacts) -> None:
+    """F32 weights: logits within ~0.03 of transformers (llama.cpp's own CPU kernels), so greedy
+    tokens may differ only where transformers itself is tied. Measured on this machine: the
+    arithmetic prompt flips at step 10, where the reference's top-2 margin is 0.0012 and the
+    largest logit difference 0.024 (at 1 and 2 threads alike); the other 4 are identical.
+    """
     parity = artifacts("F32").manifest["parity"]
     assert parity["n_prompts"] == len(DEFAULT_PROMPTS) == 5
     assert parity["n_greedy_tokens"] == 32
-    assert parity["greedy_identical"] == 5, parity["per_prompt"]
+    assert parity["top1_agreement"] == 1.0 and parity["max_abs_logit_diff"] < 0.05, parity
+    assert parity["greedy_identical"] >= 4, parity["per_prompt"]
+    for row in parity["per_prompt"]:
+        if not row["greedy_identical"]:
+            assert row["ref_margin"] < row["max_abs_diff"], row
 
 
 def test_f16_greedy_tokens_match_except_at_ties(artifacts) -> None:
