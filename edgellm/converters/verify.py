@@ -169,9 +169,6 @@ def measure_parity(runtime: Any, reference: Path, prompts: Sequence[str] | None 
 #: backend would otherwise lower them, so the numbers describe the weights, not the runtime.
 PARITY_OPTIONS: dict[str, dict[str, Any]] = {
     "openvino": {"precision": "f32", "kv_precision": "f32"},
-    # llama.cpp keeps an f16 KV cache by default: on SmolLM2 F32 that alone moved logits by
-    # 0.024 and flipped a greedy token where transformers' top-2 margin was 0.001.
-    "gguf": {"kv_precision": "f32"},
 }
 
 
