@@ -53,17 +53,11 @@ def _linear(theta: float, dim: int, scaling: Mapping[str, Any], cfg: Mapping[str
 
 
 def _llama3(theta: float, dim: int, scaling: Mapping[str, Any], cfg: Mapping[str, Any]) -> np.ndarray:
-    """Llama 3.1 frequency smoothing (transformers ``_compute_llama3_parameters``)."""
-    inv = _base_inv_freq(theta, dim)
-    factor = float(scaling["factor"])
-    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-    old_ctx = float(scaling["original_max_position_embeddings"])
-    wavelen = 2 * math.pi / inv
-    scaled = np.where(wavelen > old_ctx / low, inv / factor, inv)
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
-    return np.where(medium, smoothed, scaled)
+    """Llama 3.1 frequency smoothing (transformers ``_compute_llama3_parameters``), the divisors
+    the runtime's K-shift uses too."""
+    from edgellm.kvcache.rope import llama3_factors
+
+    return _base_inv_freq(theta, dim) / llama3_factors(scaling, theta, dim)
 
 
 _InvFreq = Callable[[float, int, Mapping[str, Any], Mapping[str, Any]], np.ndarray]
