@@ -212,9 +212,11 @@ class LlamaCppEngine:
 
     Sessions of one size share a context (a *pool*): at most as many streams as the
     ``kv_budget`` holds sessions of that size (up to :data:`MAX_STREAMS`), one compute buffer
-    for all of them. Measured on SmolLM2-135M Q4_1, 4 sessions of 512 tokens each filled with
-    500 tokens: +64 MiB over the loaded model in one 4-stream context, +113 MiB in four
-    contexts (each context has its own ~15 MiB compute buffer) — so streams it is.
+    for all of them. Measured once by hand (a throwaway script, not a benchmark in this
+    repository) on SmolLM2-135M Q4_1, 4 sessions of 512 tokens each filled with 500 tokens:
+    +64 MiB over the loaded model in one 4-stream context, +113 MiB in four contexts (each
+    context has its own ~15 MiB compute buffer) — so streams it is. ``benchmarks/bench_kv.py``
+    measures the chosen shape: RSS with 4 sessions 1.08x the loaded model plus 4 caches.
     """
 
     backend = "llamacpp"
