@@ -136,6 +136,10 @@ def test_a_conversation_that_repeats_its_history_reuses_its_session() -> None:
         cached = r2.usage.prompt_tokens_details.cached_tokens
         assert cached >= r1.usage.prompt_tokens + r1.usage.completion_tokens
         assert metric(url, 'edgellm_tokens_total{kind="cached"}') >= cached
+        fresh = c.chat.completions.create(model=MODEL, messages=history, temperature=0,
+                                          extra_body={"cache_prompt": False})
+        assert fresh.usage.prompt_tokens_details.cached_tokens == 0
+        assert fresh.choices[0].message.content == r2.choices[0].message.content
 
 
 # -- concurrency --------------------------------------------------------------------------

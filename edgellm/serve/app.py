@@ -205,7 +205,7 @@ class Server:
             if req.model != self.config.model_id:
                 raise self._unknown_model(req.model)
             ids = self._prompt_ids(req)
-            session = await self.pool.acquire(ids)
+            session = await self.pool.acquire(ids if req.cache_prompt else [])
         except APIError as exc:
             self.metrics.request(endpoint, exc.status)
             return _error(exc)
@@ -266,6 +266,8 @@ class Server:
         result: Result | None = None
         try:
             kwargs = {**req.sampling, "max_tokens": req.max_tokens, "stop": list(req.stop) or None}
+            if not req.cache_prompt:
+                session.reset()
             if req.kind == "chat":
                 pieces = session.chat(req.messages or [], stream=True, **kwargs)
             else:

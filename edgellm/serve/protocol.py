@@ -5,8 +5,16 @@ Only what edgellm can honour is accepted. A field the runtime cannot do (``n`` >
 so, rather than silently ignored; fields that change nothing (``user``, ``store``,
 ``metadata``...) are ignored, as OpenAI's own server ignores unknown ones. Sampling
 follows edgellm's defaults (llama.cpp's): ``temperature`` 0.8, ``top_k`` 40, ``top_p``
-0.95, ``min_p`` 0.05; ``top_k``, ``min_p`` and ``repeat_penalty`` are accepted as
-llama.cpp's server accepts them.
+0.95, ``min_p`` 0.05; ``top_k``, ``min_p``, ``repeat_penalty`` and ``cache_prompt`` are
+accepted as llama.cpp's server accepts them.
+
+``cache_prompt`` (default true) lets a request start from a session's KV cache that already
+holds the start of its prompt. As llama.cpp's server documents for the same option, the
+logits are then not guaranteed bit-for-bit equal to a fresh prefill: the cached positions
+were computed in batches of another size (a decode step's single token, another prompt),
+and int4/int8 kernels round differently per batch size, so a greedy answer can differ at a
+near-tie. ``cache_prompt: false`` evaluates the whole prompt afresh: exactly what the
+request gets alone on a new session.
 
 Errors are :class:`APIError` and leave as OpenAI's error body:
 ``{"error": {"message", "type", "param", "code"}}``.
@@ -74,6 +82,7 @@ class GenRequest:
     include_usage: bool = False
     stop: tuple[str, ...] = ()
     sampling: dict[str, Any] = field(default_factory=dict)
+    cache_prompt: bool = True
     id: str = ""
     created: int = 0
 
@@ -249,6 +258,7 @@ def parse_request(kind: Kind, raw: bytes) -> GenRequest:
         prompt=_prompt(body) if kind == "completion" else None,
         max_tokens=_max_tokens(body), stream=_flag(body, "stream"),
         include_usage=bool(options.get("include_usage")), stop=_stops(body), sampling=_sampling(body),
+        cache_prompt=_flag(body, "cache_prompt") if "cache_prompt" in body else True,
     )
 
 
