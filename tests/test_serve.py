@@ -20,7 +20,7 @@ from edgellm.model import Model
 from edgellm.runtimes.fake import FakeEngine
 from edgellm.serve import ServerConfig, check_bind
 from edgellm.serve.protocol import APIError, parse_request
-from tests.fixtures.server import running_server
+from tests.fixtures.server import running_server, streamed_texts
 
 openai = pytest.importorskip("openai", reason="the openai client is in the dev extra")
 
@@ -149,19 +149,9 @@ def test_eight_concurrent_streams_each_get_their_own_answer() -> None:
     with running_server(echo_model(step_seconds=0.002), parallel=4, max_queue=8) as (url, _):
         c = client(url)
         alone = [ask(c, t).choices[0].message.content for t in texts]
-        got: dict[int, str] = {}
-
-        def run(i: int) -> None:
-            stream = ask(client(url), texts[i], stream=True)
-            got[i] = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        got = streamed_texts(lambda i: ask(client(url), texts[i], stream=True), 8)
         assert alone == texts
-        assert [got[i] for i in range(8)] == alone
+        assert got == alone
         assert metric(url, "edgellm_requests_running") == 0
 
 
