@@ -283,3 +283,61 @@ def test_unknown_paths_and_methods_get_openai_style_errors() -> None:
         assert status == 405 and "error" in json.loads(data)
         assert raw(url, "GET", f"/v1/models/{MODEL}")[0] == 200
         assert raw(url, "GET", "/v1/models/other")[0] == 404
+
+
+# -- the command --------------------------------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_edgellm_serve_command_serves_until_interrupted(tmp_path: Any) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.fixtures import fake_artifact
+
+    folder = fake_artifact(tmp_path / "fake-model", "Served by the command.")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "edgellm", "serve", folder, "--backend", "fake",
+                             "--port", str(port), "--parallel", "2"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        announce = proc.stderr.readline()  # type: ignore[union-attr]
+        assert f"http://127.0.0.1:{port}/v1" in announce and "2 sessions" in announce, announce
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _health(url), timeout=30)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        assert c.models.list().data[0].id == "fake-model"
+        r = c.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "hi"}],
+                                      temperature=0)
+        assert r.choices[0].message.content == "Served by the command."
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-2000:]
+
+
+def _health(url: str) -> bool:
+    try:
+        return raw(url, "GET", "/health")[0] == 200
+    except OSError:
+        return False
+
+
+def test_edgellm_serve_refuses_a_public_bind_without_a_key(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    from tests.fixtures import fake_artifact
+
+    folder = fake_artifact(tmp_path / "fake-model", "x")
+    out = subprocess.run([sys.executable, "-m", "edgellm", "serve", folder, "--backend", "fake",
+                          "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.startswith("edgellm: error: binding to '0.0.0.0'") and out.stderr.count("\n") == 1
