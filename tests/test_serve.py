@@ -232,6 +232,16 @@ def test_bad_requests_get_the_right_4xx_and_the_server_keeps_serving(case: str) 
         assert ask(client(url), "still here").choices[0].message.content == "still here"
 
 
+def test_max_tokens_is_capped_by_the_room_the_prompt_leaves() -> None:
+    with running_server(echo_model(), n_ctx=64) as (url, _):
+        c = client(url)
+        r = c.completions.create(model=MODEL, prompt="abc", max_tokens=64, temperature=0)  # <= n_ctx: capped
+        assert r.usage.prompt_tokens + r.usage.completion_tokens <= 64
+        r = ask(c, "x" * 40, max_tokens=60)  # the echo needs 41 tokens but only the room is left
+        assert r.choices[0].finish_reason == "length"
+        assert r.usage.prompt_tokens + r.usage.completion_tokens == 64
+
+
 def test_the_api_key_is_required_everywhere_but_health() -> None:
     with running_server(echo_model(), api_key="s3cret") as (url, _):
         for key in ("wrong", None):

@@ -230,7 +230,7 @@ class Server:
 
     def _prompt_ids(self, req: GenRequest) -> list[int]:
         """The request's prompt as token ids, checked against a session's size."""
-        pool, policy = self.pool, self.model.policy
+        pool = self.pool
         probe = pool._idle[0] if pool._idle else next(iter(pool._busy))
         try:
             if req.kind == "chat":
@@ -247,18 +247,24 @@ class Server:
             raise APIError(400, str(exc), param="messages" if req.kind == "chat" else "prompt",
                            code="context_length_exceeded" if isinstance(exc, ContextOverflowError)
                            else None) from None
-        room = pool.n_ctx - len(ids)
-        if policy.kind is Overflow.SLIDING:
-            req.max_tokens = req.max_tokens or pool.n_ctx
-        elif room < 1 or (req.max_tokens is not None and req.max_tokens > room):
-            asked = f" + max_tokens {req.max_tokens}" if req.max_tokens is not None else ""
-            raise APIError(400, f"the prompt has {len(ids)} tokens{asked}, more than a session's context "
-                           f"of {pool.n_ctx} tokens; shorten the prompt or ask for at most "
-                           f"{max(room, 0)} tokens", param="max_tokens" if room >= 1 else "messages",
-                           code="context_length_exceeded")
-        else:
-            req.max_tokens = req.max_tokens or room
+        self._fit_max_tokens(req, len(ids))
         return ids
+
+    def _fit_max_tokens(self, req: GenRequest, n_prompt: int) -> None:
+        """Cap ``max_tokens`` by the room the prompt leaves; 400 when it can never fit."""
+        n_ctx, what = self.pool.n_ctx, "messages" if req.kind == "chat" else "prompt"
+        room = n_ctx - n_prompt
+        if req.max_tokens is not None and req.max_tokens > n_ctx:
+            raise APIError(400, f"max_tokens {req.max_tokens} is more than a session's whole context of "
+                           f"{n_ctx} tokens; ask for at most {max(room, 0)}", param="max_tokens",
+                           code="context_length_exceeded")
+        if self.model.policy.kind is Overflow.SLIDING:
+            req.max_tokens = req.max_tokens or n_ctx
+        elif room < 1:
+            raise APIError(400, f"the prompt has {n_prompt} tokens, which fills a session's context of "
+                           f"{n_ctx} tokens; shorten it", param=what, code="context_length_exceeded")
+        else:  # capped by the room the prompt leaves, as llama.cpp's server does (finish_reason "length")
+            req.max_tokens = min(req.max_tokens or room, room)
 
     # -- the worker thread ---------------------------------------------------------------
 
