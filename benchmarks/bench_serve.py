@@ -151,6 +151,37 @@ def load_round(url: str, model: str, clients: int, per_client: int, max_tokens: 
             "ttft_ms": statistics.median(ttfts) * 1e3, "tokens": tokens[0]}
 
 
+def _running(url: str) -> float:
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    rows = [ln for ln in text.splitlines() if ln.startswith("edgellm_requests_running ")]
+    return float(rows[0].split()[-1])
+
+
+def disconnect_latency(url: str, model: str, tries: int = 5) -> dict[str, float]:
+    """Drop a stream after 5 pieces: ms until /metrics shows its session free, and one decode step's ms."""
+    import http.client
+    import json
+
+    freed, steps = [], []
+    for _ in range(tries):
+        conn = http.client.HTTPConnection(*url.removeprefix("http://").split(":"), timeout=60)
+        body = {"model": model, "stream": True, "temperature": 0, "max_tokens": 400,
+                "messages": [{"role": "user", "content": "Write a long story about the sea."}]}
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp, stamps = conn.getresponse(), []
+        while len(stamps) < 6:
+            if resp.readline().startswith(b"data: {"):
+                stamps.append(time.perf_counter())
+        conn.sock.shutdown(socket.SHUT_RDWR)  # the client goes away mid-answer
+        conn.close()
+        t0 = time.perf_counter()
+        while _running(url) > 0:
+            time.sleep(0.002)
+        freed.append((time.perf_counter() - t0) * 1e3)
+        steps.append(statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)) * 1e3)
+    return {"freed_ms": statistics.median(freed), "step_ms": statistics.median(steps)}
+
+
 def measure(gguf: str, clients_list: list[int], repeats: int, threads: int, per_client: int,
             max_tokens: int) -> dict[str, dict[int, list[dict[str, float]]]]:
     results: dict[str, dict[int, list[dict[str, float]]]] = {}
@@ -168,6 +199,9 @@ def measure(gguf: str, clients_list: list[int], repeats: int, threads: int, per_
                     results.setdefault(name, {}).setdefault(c, []).append(row)
                     print(f"repeat {r + 1} {name:17} {c} clients: {row['rps']:.2f} req/s "
                           f"{row['tps']:.1f} tok/s ttft {row['ttft_ms']:.0f} ms", flush=True)
+                if name == "edgellm serve":
+                    results.setdefault("disconnect", {}).setdefault(0, []).append(
+                        disconnect_latency(server.url, model))
             finally:
                 server.stop()
     return results
@@ -177,7 +211,7 @@ def report(results: dict[str, dict[int, list[dict[str, float]]]], args: argparse
     from edgellm.profiling.machine import machine_info
 
     m = machine_info()
-    med = {name: {c: {k: statistics.median(r[k] for r in rows) for k in ("rps", "tps", "ttft_ms")}
+    med = {name: {c: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
                   for c, rows in by_c.items()} for name, by_c in results.items()}
     load = os.getloadavg()
     lines = [
@@ -205,6 +239,11 @@ def report(results: dict[str, dict[int, list[dict[str, float]]]], args: argparse
         lines.append(f"| {c} | {e[c]['rps']:.2f} | {p[c]['rps']:.2f} | {e[c]['rps'] / p[c]['rps']:.2f}x | "
                      f"{e[c]['tps']:.1f} | {p[c]['tps']:.1f} | {e[c]['tps'] / p[c]['tps']:.2f}x | "
                      f"{e[c]['ttft_ms']:.0f} | {p[c]['ttft_ms']:.0f} |")
+    if "disconnect" in med:
+        d = med["disconnect"][0]
+        lines += ["", "A client that drops its stream mid-answer: its session was free "
+                  f"{d['freed_ms']:.0f} ms later (as seen from `/metrics`, polled every 2 ms), one decode "
+                  f"step taking {d['step_ms']:.0f} ms (medians)."]
     return "\n".join(lines) + "\n"
 
 
