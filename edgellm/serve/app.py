@@ -156,9 +156,13 @@ class Server:
 
     async def prometheus(self, request: Request) -> Response:
         """Counters, histograms and gauges in Prometheus' text format."""
+        from starlette.concurrency import run_in_threadpool
         from starlette.responses import PlainTextResponse
 
-        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+        # Asking a backend for the bytes its caches hold can wait for a running forward pass:
+        # never on the event loop.
+        gauges = await run_in_threadpool(self.metrics.read_gauges)
+        return PlainTextResponse(self.metrics.render(gauges), media_type="text/plain; version=0.0.4")
 
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.config.model_id, "object": "model", "created": self.config.created,
@@ -204,7 +208,7 @@ class Server:
             req = parse_request(kind, await request.body())  # type: ignore[arg-type]
             if req.model != self.config.model_id:
                 raise self._unknown_model(req.model)
-            ids = self._prompt_ids(req)
+            ids = await self._prompt_ids(req)
             session = await self.pool.acquire(ids if req.cache_prompt else [])
         except APIError as exc:
             self.metrics.request(endpoint, exc.status)
@@ -228,10 +232,18 @@ class Server:
         return APIError(404, f"the model {name!r} does not exist here; this server runs "
                         f"{self.config.model_id!r} (see /v1/models)", param="model", code="model_not_found")
 
-    def _prompt_ids(self, req: GenRequest) -> list[int]:
-        """The request's prompt as token ids, checked against a session's size."""
+    async def _prompt_ids(self, req: GenRequest) -> list[int]:
+        """The request's prompt as token ids (rendered and tokenized off the event loop), checked
+        against a session's size."""
+        from starlette.concurrency import run_in_threadpool
+
+        probe = self.pool.any_session()
+        ids = await run_in_threadpool(self._tokens, req, probe)
+        self._fit_max_tokens(req, len(ids))
+        return ids
+
+    def _tokens(self, req: GenRequest, probe: Session) -> list[int]:
         pool = self.pool
-        probe = pool._idle[0] if pool._idle else next(iter(pool._busy))
         try:
             if req.kind == "chat":
                 ids = probe.chat_tokens(req.messages or [], max_tokens=req.max_tokens or pool.n_ctx // 2)
@@ -247,7 +259,6 @@ class Server:
             raise APIError(400, str(exc), param="messages" if req.kind == "chat" else "prompt",
                            code="context_length_exceeded" if isinstance(exc, ContextOverflowError)
                            else None) from None
-        self._fit_max_tokens(req, len(ids))
         return ids
 
     def _fit_max_tokens(self, req: GenRequest, n_prompt: int) -> None:

@@ -77,8 +77,12 @@ class Metrics:
         if tpot_s is not None:
             self.tpot.observe(tpot_s)
 
-    def render(self) -> str:
-        """The whole exposition text."""
+    def read_gauges(self) -> dict[str, float]:
+        """Every gauge's value now (may wait for a backend: call it off the event loop)."""
+        return {name: read() for name, (_, read) in self.gauges.items()}
+
+    def render(self, gauges: dict[str, float]) -> str:
+        """The whole exposition text, with the gauges' values read by :meth:`read_gauges`."""
         out = [f"# HELP {PREFIX}requests_total Requests answered, by endpoint and HTTP status.",
                f"# TYPE {PREFIX}requests_total counter"]
         out += [f"{PREFIX}requests_total{_labels(k)} {v}" for k, v in sorted(self.requests.items())]
@@ -90,7 +94,7 @@ class Metrics:
         out += [f"# HELP {cancelled} Generations stopped because the client left.",
                 f"# TYPE {cancelled} counter", f"{cancelled} {self.cancelled}"]
         out += self.ttft.lines() + self.tpot.lines()
-        for name, (help, read) in self.gauges.items():
+        for name, (help, _) in self.gauges.items():
             full = PREFIX + name
-            out += [f"# HELP {full} {help}", f"# TYPE {full} gauge", f"{full} {read()}"]
+            out += [f"# HELP {full} {help}", f"# TYPE {full} gauge", f"{full} {gauges[name]}"]
         return "\n".join(out) + "\n"

@@ -108,6 +108,10 @@ class SessionPool:
         """Requests in the queue."""
         return sum(1 for _, fut in self._waiters if not fut.done())
 
+    def any_session(self) -> Session:
+        """A session to render and tokenize with (all have the same size and policy)."""
+        return self._idle[0] if self._idle else next(iter(self._busy))
+
     # -- handing out ---------------------------------------------------------------------
 
     async def acquire(self, ids: Sequence[int]) -> Session:
