@@ -166,13 +166,13 @@ def _open_stream(url: str, text: str) -> http.client.HTTPResponse:
 
 def test_a_full_queue_answers_503_and_a_dropped_client_frees_its_slot() -> None:
     long_text = "x" * 400  # 400 tokens at 20 ms each: 8 s if nobody stops it
-    with running_server(echo_model(step_seconds=0.02), parallel=1, max_queue=2) as (url, _):
+    with running_server(echo_model(step_seconds=0.02), parallel=1, max_queue=8) as (url, _):
         running = _open_stream(url, long_text)
         running.readline()  # the role chunk: generation has started
-        queued = [threading.Thread(target=lambda: ask(client(url), "q"), daemon=True) for _ in range(2)]
+        queued = [threading.Thread(target=lambda: ask(client(url), "q"), daemon=True) for _ in range(8)]
         for t in queued:
             t.start()
-        wait_for(lambda: metric(url, "edgellm_requests_waiting") == 2)
+        wait_for(lambda: metric(url, "edgellm_requests_waiting") == 8)
 
         status, headers, body = raw(url, "POST", "/v1/chat/completions", json.dumps(
             {"model": MODEL, "messages": [{"role": "user", "content": "one too many"}]}).encode())
