@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
-from edgellm.errors import ContextOverflowError, InvalidInputError
+from edgellm.errors import ContextOverflowError, InvalidInputError, ModelClosedError
 from edgellm.kvcache import KVAbility, Overflow, OverflowPolicy
 from edgellm.runtimes.loop import Decoder, Generation, Result
 from edgellm.runtimes.sampling import SamplingParams
-from edgellm.text.chat import DEFAULT_CHATML, render_chat, validate_messages
+from edgellm.text.chat import DEFAULT_CHATML, check_text, encode_chat, validate_messages
 
 if TYPE_CHECKING:
     import os
@@ -54,6 +54,8 @@ class Conversation:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         ignore_eos: bool = False,
+        *,
+        parse_special: bool = True,
     ) -> Result:
         """Complete ``prompt`` (text, or token ids used as they are) and return the Result.
 
@@ -61,11 +63,16 @@ class Conversation:
         (clamped to the room left in the KV cache unless ``kv_overflow="sliding"``) or before
         the first stop string, which is not included in the text. ``ignore_eos`` keeps
         decoding past end-of-sequence tokens (benchmarks that need a fixed number of tokens).
+
+        ``parse_special`` (default True, as ``llama-cli`` tokenizes a raw prompt) turns text
+        such as ``"<|im_end|>"`` in a str prompt into that special token; pass False when the
+        prompt holds text from someone else (a server's user), so it stays text. :meth:`chat`
+        always keeps message contents as text.
         """
         conv = self._conversation()
         conv._check_open()
         t0 = time.perf_counter()
-        ids = conv._prompt_ids(prompt)
+        ids = conv._prompt_ids(prompt, parse_special)
         params = conv._params(temperature, top_k, top_p, min_p, repeat_penalty, seed)
         eos = frozenset() if ignore_eos else None
         return conv._finish(conv._start(ids, params, max_tokens, stop, t0, eos_ids=eos))
@@ -81,6 +88,8 @@ class Conversation:
         repeat_penalty: float = 1.0,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        *,
+        parse_special: bool = True,
     ) -> Iterator[str]:
         """Like :meth:`generate`, yielding text pieces as they are decoded.
 
@@ -90,7 +99,7 @@ class Conversation:
         conv = self._conversation()
         conv._check_open()
         t0 = time.perf_counter()
-        ids = conv._prompt_ids(prompt)
+        ids = conv._prompt_ids(prompt, parse_special)
         params = conv._params(temperature, top_k, top_p, min_p, repeat_penalty, seed)
         return conv._follow(conv._start(ids, params, max_tokens, stop, t0))
 
@@ -243,7 +252,7 @@ class Session(Conversation):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise InvalidInputError("this session is closed; open another with model.session()")
+            raise ModelClosedError("this session is closed; open another with model.session()")
         self._model._check_open()
 
     def _params(self, temperature: float, top_k: int, top_p: float, min_p: float,
@@ -251,9 +260,10 @@ class Session(Conversation):
         return SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty,
                               seed=self._model._seed(seed))
 
-    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+    def _prompt_ids(self, prompt: str | Sequence[int], parse_special: bool = True) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special=True)
+            return self.tokenizer.encode(check_text(prompt, "the prompt"), add_special=True,
+                                         parse_special=bool(parse_special))
         if isinstance(prompt, (bytes, bytearray)) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt
         ):
@@ -273,13 +283,7 @@ class Session(Conversation):
 
     def _encode_chat(self, messages: list[dict[str, Any]], template: str,
                      tools: Sequence[dict[str, Any]] | None) -> list[int]:
-        tok = self.tokenizer
-        text = render_chat(template, messages, bos_token=tok.bos_token, eos_token=tok.eos_token,
-                           add_generation_prompt=True, tools=tools)
-        # Templates such as Llama's write BOS themselves; adding another would double it.
-        bos = tok.bos_token
-        has_bos = bos is not None and bos != "" and text.startswith(bos)
-        return tok.encode(text, add_special=not has_bos)
+        return encode_chat(self.tokenizer, template, messages, tools=tools)
 
     def _truncate_turns(self, msgs: list[dict[str, Any]], ids: list[int], template: str,
                         tools: Sequence[dict[str, Any]] | None, max_tokens: int

@@ -46,6 +46,7 @@ import numpy as np
 from edgellm.errors import ContextOverflowError, InvalidInputError
 from edgellm.kvcache import KVAbility, OverflowPolicy
 from edgellm.runtimes.sampling import Sampler, SamplingParams
+from edgellm.text.chat import check_text
 from edgellm.text.detok import StreamDecoder
 
 if TYPE_CHECKING:
@@ -370,10 +371,17 @@ def _special_stop_ids(tokenizer: Tokenizer, stops: tuple[str, ...]) -> frozenset
 def _check_stop(stop: Sequence[str] | str | None) -> tuple[str, ...]:
     if stop is None:
         return ()
-    stops = (stop,) if isinstance(stop, str) else tuple(stop)
-    for s in stops:
+    if isinstance(stop, str):
+        stops: tuple[Any, ...] = (stop,)
+    elif isinstance(stop, (list, tuple, set, frozenset)):
+        stops = tuple(stop)
+    else:
+        raise InvalidInputError(
+            f"stop must be a str or a list of str, got {type(stop).__name__}: {stop!r:.60}")
+    for i, s in enumerate(stops):
         if not isinstance(s, str) or not s:
-            raise InvalidInputError(f"stop strings must be non-empty str, got {s!r}")
+            raise InvalidInputError(f"stop strings must be non-empty str, got {s!r:.60}")
+        check_text(s, f"stop[{i}]")
     return stops
 
 

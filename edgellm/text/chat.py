@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -22,9 +23,11 @@ from edgellm.errors import InvalidInputError, one_line
 if TYPE_CHECKING:
     import jinja2
 
+    from edgellm.text.tokenizer import Tokenizer
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_CHATML", "render_chat", "validate_messages"]
+__all__ = ["DEFAULT_CHATML", "check_text", "encode_chat", "render_chat", "validate_messages"]
 
 #: ChatML, used when a model ships no template (the format of SmolLM2, Qwen and others).
 DEFAULT_CHATML = (
@@ -74,6 +77,24 @@ def _compile(template: str) -> jinja2.Template:
         ) from None
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(text: str, what: str) -> str:
+    """``text`` itself, or InvalidInputError naming the first lone surrogate and its position.
+
+    A lone surrogate (e.g. from ``bytes.decode("utf-8", "surrogateescape")`` or a broken
+    JSON ``\\ud800`` escape) is not a Unicode character: no tokenizer can encode it.
+    """
+    bad = _SURROGATE.search(text)
+    if bad is not None:
+        raise InvalidInputError(
+            f"{what} has a lone surrogate U+{ord(bad[0]):04X} at character {bad.start()}, which is not "
+            "valid Unicode; decode the source bytes with errors='replace' or remove the character"
+        )
+    return text
+
+
 def validate_messages(messages: Any) -> list[dict[str, Any]]:
     """Check chat messages: a list of dicts, each with a str "role" and str "content".
 
@@ -99,6 +120,8 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
             raise InvalidInputError(
                 f"messages[{i}] needs a str 'content', got {type(content).__name__}: {content!r:.60}"
             )
+        for text in _strings(msg):
+            check_text(text, f"messages[{i}]")
     return list(messages)
 
 
@@ -143,3 +166,110 @@ def render_chat(
     except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError) as exc:
         # e.g. a template concatenating None content; still the caller's template/messages
         raise InvalidInputError(f"the chat template failed to render: {one_line(exc)}") from None
+
+
+# -- special tokens stay text ---------------------------------------------------------------
+#
+# A chat template's own markers ("<|im_start|>", "<end_of_turn>") are control tokens; the
+# same text typed in a message must stay text, or a user can forge a system turn. The
+# messages are rendered with every marker inside them replaced by a placeholder (a private-use
+# character absent from every message, then one per marker); in the rendered text the markers
+# left are the template's. It is then cut at those markers: each becomes its token, and each
+# piece between them, placeholders turned back into the markers' text, is tokenized with
+# parse_special=False. That is how llama.cpp's llama_tokenize handles parse_special itself
+# (llama-vocab.cpp ``tokenizer_st_partition``: split at specials, tokenize the pieces), so
+# without forged markers nothing changes and the whole text is tokenized as before.
+
+_PRIVATE_USE = range(0xE000, 0xF900)  # Unicode's Private Use Area of the BMP
+
+
+def encode_chat(
+    tokenizer: Tokenizer,
+    template: str,
+    messages: Sequence[dict[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    tools: Sequence[dict[str, Any]] | None = None,
+) -> list[int]:
+    """Token ids of ``messages`` rendered by ``template``: only the template makes special tokens.
+
+    Text in the messages (and tools) that spells a special token is tokenized as text.
+    BOS is added as the tokenizer wants unless the rendered text already starts with it.
+    """
+    msgs = validate_messages(messages)
+    for text in _strings(tools):
+        check_text(text, "tools")
+    specials = {t: i for t, i in tokenizer.special_tokens().items() if t}
+    forged = sorted({t for t in specials for s in _strings([msgs, tools]) if t in s}, key=len, reverse=True)
+    if not forged:
+        text = _render_for(tokenizer, template, msgs, add_generation_prompt, tools)
+        return tokenizer.encode(text, add_special=not _starts_with_bos(tokenizer, text))
+    guard = _free_char([msgs, tools])
+    holders = {t: guard + chr(_PRIVATE_USE[0] + k) for k, t in enumerate(forged)}
+    defang = re.compile("|".join(map(re.escape, forged)))
+
+    def swap(s: str) -> str:
+        return defang.sub(lambda m: holders[m[0]], s)
+
+    text = _render_for(tokenizer, template, _map_strings(msgs, swap), add_generation_prompt,
+                       _map_strings(tools, swap))
+    restore = {h: t for t, h in holders.items()}
+    bos = tokenizer.bos_id
+    ids = [bos] if bos is not None and tokenizer.add_bos and not _starts_with_bos(tokenizer, text) else []
+    cut = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
+    for k, piece in enumerate(cut.split(text)):
+        if k % 2:
+            ids.append(specials[piece])
+        elif piece:
+            plain = re.sub(re.escape(guard) + ".", lambda m: restore.get(m[0], ""), piece)
+            ids.extend(tokenizer.encode(plain, add_special=False, parse_special=False))
+    return ids
+
+
+def _render_for(tokenizer: Tokenizer, template: str, msgs: list[dict[str, Any]],
+                add_generation_prompt: bool, tools: Any) -> str:
+    return render_chat(template, msgs, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
+                       add_generation_prompt=add_generation_prompt, tools=tools)
+
+
+def _starts_with_bos(tokenizer: Tokenizer, text: str) -> bool:
+    # Templates such as Llama's write BOS themselves; adding another would double it.
+    bos = tokenizer.bos_token
+    return bool(bos) and text.startswith(bos)  # type: ignore[arg-type]
+
+
+def _strings(value: Any) -> list[str]:
+    """Every str inside nested lists, tuples and dicts (keys included)."""
+    out: list[str] = []
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return out
+
+
+def _map_strings(value: Any, fn: Any) -> Any:
+    """``value`` with ``fn`` applied to every str inside it (containers copied, not changed)."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {_map_strings(k, fn): _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_strings(v, fn) for v in value)
+    return value
+
+
+def _free_char(value: Any) -> str:
+    """A private-use character that no str inside ``value`` contains (the placeholders' guard)."""
+    used = set().union(*(set(s) for s in _strings(value)))
+    for code in reversed(_PRIVATE_USE):
+        if chr(code) not in used:
+            return chr(code)
+    raise InvalidInputError("the messages use every private-use character (U+E000-U+F8FF); "
+                            "they cannot be told apart from edgellm's placeholders: remove them")
