@@ -202,3 +202,47 @@ def test_generate_parses_special_tokens_in_a_raw_prompt_unless_told_not_to() -> 
     parsed = model.generate("a<|im_end|>", **GREEDY).prompt_tokens
     as_text = model.generate("a<|im_end|>", parse_special=False, **GREEDY).prompt_tokens
     assert (parsed, as_text) == (1 + 2, 1 + 1 + len("<|im_end|>"))  # BOS, then the prompt
+
+
+# -- chat templates with limits ------------------------------------------------------------------
+
+HOSTILE_TEMPLATES = {
+    "nested loops": ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+                     "ran longer than 0.2 s"),
+    "loops over a list": ("{% set x = range(100000)|list %}{% for a in x %}{% for b in x %}{% endfor %}"
+                          "{% endfor %}", "ran longer than 0.2 s"),
+    "output": ("{% for a in range(100) %}{{ 'x' * 4000000 }}{% endfor %}", "output passed"),
+    "str * n": ("{{ 'x' * 10**9 }}", "'\\*' would build a value of 1000000000 items"),
+    "doubling with ~": ("{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}"
+                        "{% endfor %}", "'~' would build"),
+    "doubling with +": ("{% set ns = namespace(s=[1]) %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}"
+                        "{% endfor %}", "'\\+' would build"),
+    "doubling with join": ("{% set ns = namespace(s='x') %}{% for i in range(60) %}"
+                           "{% set ns.s = [ns.s, ns.s]|join %}{% endfor %}", "a call would build"),
+    "huge pow": ("{{ 10 ** 100000 }}", "would be a .*-bit number"),
+    "center": ("{{ 'x'|center(10**12) }}", "an argument of 1000000000000"),
+    "% width": ("{{ '%2000000000s' % 'x' }}", "a format width"),
+    "format width": ("{{ '{:>2000000000}'.format('x') }}", "a format width"),
+    "recursion": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "ran out of stack"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_TEMPLATES))
+def test_a_hostile_template_is_stopped_in_one_line(name: str) -> None:
+    template, reason = HOSTILE_TEMPLATES[name]
+    with pytest.raises(errors.InvalidInputError, match=f"the chat template .*{reason}") as caught:
+        render_chat(template, [{"role": "user", "content": "hi"}], bos_token="", eos_token="",
+                    max_seconds=0.2)
+    assert "\n" not in str(caught.value)
+
+
+def test_the_budget_leaves_ordinary_templates_alone(tiny_tokenizer_dir: Path) -> None:
+    import sys
+
+    tok = HFTokenizer.from_dir(tiny_tokenizer_dir)
+    msgs = [{"role": "user", "content": f"turn {i}: " + "word " * 50} for i in range(40)]
+    before = sys.gettrace()
+    text = render_chat(tok.chat_template, msgs, bos_token="", eos_token="", tools=[{"name": "f"}])
+    assert text.count("<|im_start|>user") == 40 and sys.gettrace() is before
+    assert render_chat("{{ '%5s|%d'|format('x', 3) }}{{ '{:>4}'.format('y') }}{{ 7 % 3 }}{{ 2 ** 10 }}",
+                       msgs, bos_token="", eos_token="") == "    x|3   y11024"

@@ -6,16 +6,30 @@ filter that keeps non-ASCII text) so that templates shipped with models render t
 text here, without transformers. Templates come from model files, so they run in
 Jinja2's :class:`~jinja2.sandbox.ImmutableSandboxedEnvironment`: a template cannot reach
 Python internals or mutate the messages it is given.
+
+A template is also held to a render budget (:data:`RENDER_SECONDS`, :data:`RENDER_MAX_CHARS`):
+a deadline checked on every line the template's own code runs (a trace function on the
+rendering thread, template frames only), the output counted as it is generated, and the
+operators that can build a huge value in one step (``*``, ``**``, ``+``, ``~``) checked
+before they run, calls and filters checked on their integer arguments, format widths and
+results. Jinja2's sandbox already caps ``range()`` at 100,000 items; neither
+transformers nor llama-cpp-python limit time or size, so a template with nested loops
+rendered forever there too. Every failure is one :class:`~edgellm.errors.InvalidInputError`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import re
+import sys
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
+from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from edgellm.errors import InvalidInputError, one_line
@@ -38,6 +52,20 @@ DEFAULT_CHATML = (
 )
 
 
+#: Longest a chat template may render, in seconds (real templates take about a millisecond).
+RENDER_SECONDS = 2.0
+#: Most characters a rendered chat may have: 4 Mi characters is ~1M tokens, beyond any
+#: context an edge model has.
+RENDER_MAX_CHARS = 4 * 2**20
+#: Largest integer a template's ``**`` may build, in bits.
+_MAX_POW_BITS = 4096
+_TEMPLATE_FILE = "<template>"  # co_filename of Jinja2's compiled template code
+
+
+class _OverBudget(Exception):
+    """Raised inside a render that went past its budget (turned into InvalidInputError)."""
+
+
 def _raise_exception(message: str) -> NoReturn:
     raise InvalidInputError(f"the chat template refused the messages: {message}")
 
@@ -58,14 +86,130 @@ def _tojson(
                       sort_keys=sort_keys)
 
 
+def _sized(value: Any) -> int | None:
+    return len(value) if isinstance(value, (str, list, tuple)) else None
+
+
+@lru_cache(maxsize=1)
+def _budget_sandbox() -> type:
+    from jinja2.compiler import CodeGenerator
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BudgetCodeGenerator(CodeGenerator):
+        """Jinja2's code generator with ``~`` (Concat) routed through the environment."""
+
+        def visit_Concat(self, node: Any, frame: Any) -> None:  # noqa: N802 (Jinja2's visitor name)
+            self.write("environment.budget_concat((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
+
+    class BudgetSandbox(ImmutableSandboxedEnvironment):
+        """The immutable sandbox, with every step that can build a big value checked.
+
+        Operators are checked before they run; calls (methods, globals) and filters refuse an
+        integer argument past the budget (``center(10**9)``) and a result past it (doubling
+        a string in a loop stops at the first step over).
+        """
+
+        code_generator_class = BudgetCodeGenerator
+        intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            _check_binop(operator, left, right)
+            return super().call_binop(context, operator, left, right)
+
+        def call(self, context: Any, obj: Any, *args: Any, **kwargs: Any) -> Any:
+            method = getattr(obj, "__wrapped__", obj)  # the sandbox wraps str.format
+            if getattr(method, "__name__", None) in ("format", "format_map"):
+                _check_format(getattr(method, "__self__", None))
+            return _checked_call(lambda: super(BudgetSandbox, self).call(context, obj, *args, **kwargs),
+                                 args, kwargs)
+
+        def budget_concat(self, parts: Sequence[Any]) -> str:
+            strs = [str(p) for p in parts]
+            _check_size("'~'", sum(map(len, strs)))
+            return "".join(strs)
+
+    return BudgetSandbox
+
+
+#: A field width or precision in a format string ("%2000000000s", "{:>2000000000}"), 8+ digits.
+_FORMAT_WIDTH = re.compile(r"%[-#0 +*.\d(]*?(\d{8,})|\{[^{}]*:[^{}]*?(\d{8,})")
+
+
+def _check_format(fmt: Any) -> None:
+    if isinstance(fmt, str):
+        wide = _FORMAT_WIDTH.search(fmt)
+        if wide is not None:
+            _check_size("a format width", int(wide[1] or wide[2]))
+
+
+def _checked_call(run: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > RENDER_MAX_CHARS:
+            raise _OverBudget(f"an argument of {value} is past the size budget")
+    result = run()
+    size = _sized(result)
+    if size is not None:
+        _check_size("a call", size)
+    return result
+
+
+def _budgeted_filter(fn: Any) -> Any:
+    @functools.wraps(fn)  # keeps jinja_pass_arg (pass_context / pass_environment filters)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return _checked_call(lambda: fn(*args, **kwargs), args, kwargs)
+    return wrapper
+
+
+def _format_filter(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapper(value: Any, *args: Any, **kwargs: Any) -> Any:
+        _check_format(value)
+        return fn(value, *args, **kwargs)
+    return wrapper
+
+
+def _check_size(what: str, total: int) -> None:
+    if total > RENDER_MAX_CHARS:
+        raise _OverBudget(f"{what} would build a value of {total} items")
+
+
+def _check_binop(operator: str, left: Any, right: Any) -> None:
+    if operator == "%":
+        _check_format(left)
+        return
+    if operator == "**":
+        if isinstance(left, (int, float)) and isinstance(right, int) and abs(left) > 1 and right > 0:
+            bits = right * math.log2(abs(left))
+            if bits > _MAX_POW_BITS:
+                raise _OverBudget(f"{left!r:.20} ** {right!r:.20} would be a {bits:.3g}-bit number")
+        return
+    _check_size(f"'{operator}'", _result_size(operator, left, right))
+
+
+def _result_size(operator: str, left: Any, right: Any) -> int:
+    """Items in ``left <operator> right`` for "*" and "+", without building it."""
+    if operator == "*":
+        for seq, count in ((left, right), (right, left)):
+            size = _sized(seq)
+            if size is not None and isinstance(count, int):
+                return size * count
+        return 0
+    return (_sized(left) or 0) + (_sized(right) or 0)
+
+
 @lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
     import jinja2
     from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = _budget_sandbox()(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = _tojson
+    env.filters = {name: _budgeted_filter(fn) for name, fn in env.filters.items()}
+    env.filters["format"] = _budgeted_filter(_format_filter(env.filters["format"]))
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     try:
@@ -75,6 +219,43 @@ def _compile(template: str) -> jinja2.Template:
             f"the chat template does not compile (line {exc.lineno}: {exc.message}); "
             "fix the template or pass another one"
         ) from None
+    except RecursionError:
+        raise InvalidInputError("the chat template is nested too deeply to compile; "
+                                "fix the template or pass another one") from None
+
+
+class _Deadline:
+    """A trace function that stops template code (only) once the deadline has passed."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+
+    def on_call(self, frame: FrameType, event: str, arg: Any) -> Any:
+        return self.on_line if frame.f_code.co_filename == _TEMPLATE_FILE else None
+
+    def on_line(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if time.monotonic() > self.deadline:
+            raise _OverBudget(f"it ran longer than {self.seconds:g} s")
+        return self.on_line
+
+
+def _render_budgeted(compiled: jinja2.Template, seconds: float, max_chars: int, **context: Any) -> str:
+    """``compiled.render(**context)`` within ``seconds`` and ``max_chars`` (else _OverBudget)."""
+    clock = _Deadline(seconds)
+    pieces: list[str] = []
+    size = 0
+    previous = sys.gettrace()
+    sys.settrace(clock.on_call)
+    try:
+        for piece in compiled.generate(**context):
+            size += len(piece)
+            if size > max_chars:
+                raise _OverBudget(f"its output passed {max_chars} characters")
+            pieces.append(piece)
+    finally:
+        sys.settrace(previous)
+    return "".join(pieces)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -133,14 +314,17 @@ def render_chat(
     eos_token: str | None,
     add_generation_prompt: bool = True,
     tools: Sequence[dict[str, Any]] | None = None,
+    max_seconds: float = RENDER_SECONDS,
+    max_chars: int = RENDER_MAX_CHARS,
     **extra: Any,
 ) -> str:
     """Render ``messages`` with a model's chat ``template`` into one prompt string.
 
     ``bos_token``/``eos_token`` are exposed to the template as strings ("" for None),
     ``tools`` as given; ``extra`` adds further template variables. Bad messages, templates
-    that fail to compile or render, and sandbox violations raise
-    :class:`~edgellm.errors.InvalidInputError` with a one-line message.
+    that fail to compile or render, sandbox violations and renders past the budget
+    (``max_seconds``, ``max_chars``) raise :class:`~edgellm.errors.InvalidInputError` with a
+    one-line message.
     """
     import jinja2
     from jinja2.sandbox import SecurityError
@@ -148,7 +332,8 @@ def render_chat(
     msgs = validate_messages(messages)
     compiled = _compile(template)
     try:
-        return compiled.render(
+        return _render_budgeted(
+            compiled, max_seconds, max_chars,
             messages=msgs,
             bos_token=bos_token or "",
             eos_token=eos_token or "",
@@ -158,14 +343,29 @@ def render_chat(
         )
     except InvalidInputError:
         raise  # raise_exception() from the template: already one line and specific
+    except _OverBudget as exc:
+        raise InvalidInputError(
+            f"the chat template was stopped: {exc} (the budget is {max_seconds:g} s and "
+            f"{max_chars} characters); use a trusted template"
+        ) from None
     except SecurityError as exc:
         raise InvalidInputError(
             f"the chat template tried an unsafe operation and was stopped ({one_line(exc)}); "
             "use a trusted template"
         ) from None
-    except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError) as exc:
+    except (MemoryError, RecursionError, OverflowError) as exc:
+        raise InvalidInputError(
+            f"the chat template ran out of {_RESOURCE[type(exc)]} ({type(exc).__name__}); "
+            "use a trusted template"
+        ) from None
+    except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError,
+            ArithmeticError) as exc:
         # e.g. a template concatenating None content; still the caller's template/messages
         raise InvalidInputError(f"the chat template failed to render: {one_line(exc)}") from None
+
+
+_RESOURCE: dict[type, str] = {MemoryError: "memory", RecursionError: "stack (recursion too deep)",
+                              OverflowError: "number range"}
 
 
 # -- special tokens stay text ---------------------------------------------------------------
