@@ -276,6 +276,23 @@ class Model(Conversation):
                 self._default = self.session()
             return self._default
 
+    def _spare_for(self, session: Session) -> Session | None:
+        """A session for a generation that finds ``session`` busy: only for the default one.
+
+        None (share it, re-reading tokens on each turn) when it is a session the caller
+        opened, or when ``kv_budget`` has no room for another (logged).
+        """
+        if session is not self._default:
+            return None
+        try:
+            return self.session(session.n_ctx)
+        except KVBudgetError as exc:
+            logger.warning("a generation overlaps another on the default session and kv_budget has no "
+                           "room for a session of its own (%s); they take turns in one cache, so greedy "
+                           "tokens may differ slightly from serial runs: raise kv_budget or open "
+                           "sessions with model.session()", exc)
+            return None
+
     def _forget(self, session: Session) -> None:
         with self._lock:
             self.budget.release(session.budget_key)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -167,6 +168,8 @@ class Session(Conversation):
         self._decoder = Decoder(backend, model.tokenizer, model.engine.n_vocab, policy, capacity_note)
         self.last_result: Result | None = None
         self._closed = False
+        self._live: weakref.WeakSet[Generation] = weakref.WeakSet()  # generations started here
+        self._spares: weakref.WeakKeyDictionary[Generation, Session] = weakref.WeakKeyDictionary()
 
     def _conversation(self) -> Session:
         return self
@@ -306,12 +309,33 @@ class Session(Conversation):
     def _start(self, ids: list[int], params: SamplingParams, max_tokens: int,
                stop: str | Sequence[str] | None, t0: float, eos_ids: frozenset[int] | None = None,
                ) -> Generation:
+        """A generation on this session, or on a spare one when this is the model's busy default.
+
+        Two generations on one session take turns in its cache: each turn re-reads the other's
+        tokens in one batch, whose logits differ (slightly, on int4) from step-by-step decoding.
+        So a call on the model while its default session has a generation running (another
+        stream, another thread) gets a session of its own, closed when the generation ends.
+        """
         self._check_open()
         stops = () if stop is None else stop
-        return self._decoder.run(ids, params, max_tokens, stops, eos_ids=eos_ids, started_at=t0)
+        with self._model._lock:
+            spare = self._model._spare_for(self) if self._busy() else None
+            runner = spare or self
+            gen = runner._decoder.run(ids, params, max_tokens, stops, eos_ids=eos_ids, started_at=t0)
+            self._live.add(gen)
+        if spare is not None:
+            self._spares[gen] = spare
+            weakref.finalize(gen, spare.close)  # a stream dropped unread frees its session too
+        return gen
+
+    def _busy(self) -> bool:
+        return any(g.result is None for g in self._live)
 
     def _finish(self, gen: Generation) -> Result:
-        gen.text()
+        try:
+            gen.text()
+        finally:
+            self._release(gen)
         assert gen.result is not None
         self.last_result = gen.result
         return gen.result
@@ -321,5 +345,11 @@ class Session(Conversation):
             yield from gen
         finally:
             gen.close()
+            self._release(gen)
             if gen.result is not None:
                 self.last_result = gen.result
+
+    def _release(self, gen: Generation) -> None:
+        spare = self._spares.pop(gen, None)
+        if spare is not None:
+            spare.close()

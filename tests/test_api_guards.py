@@ -246,3 +246,77 @@ def test_the_budget_leaves_ordinary_templates_alone(tiny_tokenizer_dir: Path) ->
     assert text.count("<|im_start|>user") == 40 and sys.gettrace() is before
     assert render_chat("{{ '%5s|%d'|format('x', 3) }}{{ '{:>4}'.format('y') }}{{ 7 % 3 }}{{ 2 ** 10 }}",
                        msgs, bos_token="", eos_token="") == "    x|3   y11024"
+
+
+# -- interleaving on the default session ---------------------------------------------------------
+
+
+def _interleave(streams: list[Any]) -> list[str]:
+    texts = [""] * len(streams)
+    live = set(range(len(streams)))
+    while live:
+        for i in sorted(live):
+            try:
+                texts[i] += next(streams[i])
+            except StopIteration:
+                live.discard(i)
+    return texts
+
+
+def test_interleaved_streams_on_the_model_each_get_a_session_of_their_own() -> None:
+    model = Model(FakeEngine(script="one two three"), n_ctx=64)
+    serial = [model.generate(p, temperature=0.0).text for p in ("a", "b")]
+    streams = [model.stream(p, temperature=0.0) for p in ("a", "b")]
+    assert len(model.sessions) == 2  # the second stream found the default one taken
+    first = next(streams[0])
+    texts = _interleave(streams)
+    assert [first + texts[0], texts[1]] == serial
+    assert len(model.sessions) == 1 and model.budget.reserved_bytes == 64 * model.engine.kv_bytes_per_token()
+
+
+def test_a_spare_session_is_freed_when_its_stream_is_dropped_unread() -> None:
+    import gc
+
+    model = Model(FakeEngine(), n_ctx=64)
+    busy = model.stream("a", temperature=0.0)
+    next(busy)
+    unread = model.stream("b", temperature=0.0)
+    assert len(model.sessions) == 2
+    del unread
+    gc.collect()
+    assert len(model.sessions) == 1
+    busy.close()
+
+
+def test_no_room_for_a_spare_session_falls_back_to_sharing(caplog: pytest.LogCaptureFixture) -> None:
+    model = Model(FakeEngine(script="one two three"), kv_budget=64 * 512)  # one session's worth
+    serial = [model.generate(p, temperature=0.0).text for p in ("a", "b")]
+    with caplog.at_level("WARNING", logger="edgellm.model"):
+        texts = _interleave([model.stream(p, temperature=0.0) for p in ("a", "b")])
+    assert texts == serial and len(model.sessions) == 1  # the fake's logits do not depend on batching
+    assert "kv_budget has no room for a session of its own" in caplog.text
+
+
+def test_threads_on_the_model_get_sessions_of_their_own() -> None:
+    import threading
+
+    script, prompts = "a longer reply from the model", [f"prompt {i}" for i in range(4)]
+    alone = [Model(FakeEngine(script=script), n_ctx=128) for _ in prompts]
+    serial = [m.generate(p, temperature=0.0).tokens for m, p in zip(alone, prompts, strict=True)]
+    model = Model(FakeEngine(script=script), n_ctx=128)
+    got: dict[int, list[int]] = {}
+    barrier = threading.Barrier(4)
+
+    def run(i: int) -> None:
+        stream = model.stream(prompts[i], temperature=0.0)
+        barrier.wait()  # all four started before any runs: they overlap
+        got[i] = model.tokenize("".join(stream), add_special=False)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[i] for i in range(4)] == serial and len(model.sessions) == 1
+    # Taking turns in one cache would re-read tokens; sessions of their own read each once.
+    assert model.engine.evaluated_tokens == sum(m.engine.evaluated_tokens for m in alone)
