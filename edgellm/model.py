@@ -11,6 +11,7 @@ llama.cpp, OpenVINO, ONNX Runtime and the fake backend.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,13 +21,12 @@ import numpy as np
 from edgellm.errors import InvalidInputError, KVBudgetError, ModelClosedError, SessionStateError
 from edgellm.kvcache import KVBudget, OverflowPolicy, format_bytes, parse_bytes
 from edgellm.kvcache.policy import DEFAULT_SINKS
-from edgellm.runtimes.loop import Result
+from edgellm.runtimes.loop import Result, check_ids
 from edgellm.runtimes.sampling import check_seed
 from edgellm.session import Conversation, Session
 from edgellm.text.chat import DEFAULT_CHATML, check_text, render_chat
 
 if TYPE_CHECKING:
-    import os
     from collections.abc import Sequence
     from types import TracebackType
 
@@ -128,6 +128,9 @@ class Model(Conversation):
         """
         from edgellm.kvcache.statefile import check_header, read_state
 
+        self._check_open()
+        if not isinstance(path, (str, os.PathLike)):
+            raise InvalidInputError(f"restore() takes a file path, not {type(path).__name__}")
         p = Path(path)
         header, payload = read_state(p)
         check_header(p, header, self._identity())
@@ -191,7 +194,7 @@ class Model(Conversation):
         self._check_open()
         tok = self.tokenizer
         return render_chat(
-            tok.chat_template or DEFAULT_CHATML, list(messages), bos_token=tok.bos_token,
+            tok.chat_template or DEFAULT_CHATML, messages, bos_token=tok.bos_token,
             eos_token=tok.eos_token, add_generation_prompt=add_generation_prompt, tools=tools,
         )
 
@@ -210,9 +213,10 @@ class Model(Conversation):
                                      parse_special=bool(parse_special))
 
     def detokenize(self, ids: Sequence[int], skip_special: bool = False) -> str:
-        """Text of token ``ids``."""
+        """Text of token ``ids`` (each in ``[0, tokenizer.vocab_size)``)."""
         self._check_open()
-        return self.tokenizer.decode(list(ids), skip_special=skip_special)
+        return self.tokenizer.decode(check_ids(ids, self.tokenizer.vocab_size, "detokenize()"),
+                                     skip_special=skip_special)
 
     # -- lifecycle ----------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from edgellm.errors import ContextOverflowError, InvalidInputError, ModelClosedError
 from edgellm.kvcache import KVAbility, Overflow, OverflowPolicy
-from edgellm.runtimes.loop import Decoder, Generation, Result
+from edgellm.runtimes.loop import Decoder, Generation, Result, check_ids
 from edgellm.runtimes.sampling import SamplingParams
 from edgellm.text.chat import DEFAULT_CHATML, check_text, encode_chat, validate_messages
 
@@ -267,13 +267,11 @@ class Session(Conversation):
         if isinstance(prompt, str):
             return self.tokenizer.encode(check_text(prompt, "the prompt"), add_special=True,
                                          parse_special=bool(parse_special))
-        if isinstance(prompt, (bytes, bytearray)) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
-        ):
+        if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, (Sequence, np.ndarray)):
             raise InvalidInputError(
                 f"prompt must be a str or a sequence of int token ids, not {type(prompt).__name__}"
             )
-        return list(prompt)
+        return check_ids(prompt, self._model.engine.n_vocab, "prompt")
 
     def _chat_ids(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None,
                   max_tokens: int) -> tuple[list[int], str]:

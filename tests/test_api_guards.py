@@ -124,6 +124,37 @@ def test_n_ctx_is_bounded_by_positions_and_by_memory(monkeypatch: pytest.MonkeyP
         Model(engine, n_ctx=fits + 1)
 
 
+WRONG_TYPES = {
+    "generate(None)": lambda m: m.generate(None),
+    "generate(3.5)": lambda m: m.generate(3.5),
+    "generate([1, 'a'])": lambda m: m.generate([1, "a"]),
+    "generate([10**9])": lambda m: m.generate([10**9]),
+    "detokenize(None)": lambda m: m.detokenize(None),
+    "detokenize(['a'])": lambda m: m.detokenize(["a"]),
+    "detokenize([-1])": lambda m: m.detokenize([-1]),
+    "restore(None)": lambda m: m.restore(None),
+    "render_chat(None)": lambda m: m.render_chat(None),
+    "chat(tools with a lone surrogate)": lambda m: m.chat([{"role": "user", "content": "x"}],
+                                                          tools=[{"name": "\ud800"}]),
+}
+
+
+@pytest.mark.parametrize("call", sorted(WRONG_TYPES))
+def test_wrong_types_and_ranges_are_one_line_errors(call: str) -> None:
+    with pytest.raises(errors.InvalidInputError) as caught:
+        WRONG_TYPES[call](_model())
+    assert "\n" not in str(caught.value)
+
+
+def test_numpy_token_ids_are_accepted() -> None:
+    import numpy as np
+
+    model = _model()
+    ids = np.asarray(model.tokenize("Hi"), dtype=np.int64)
+    assert model.generate(ids, **GREEDY).tokens == model.generate("Hi", **GREEDY).tokens
+    assert model.detokenize(ids[1:]) == "Hi"
+
+
 # -- text -------------------------------------------------------------------------------------
 
 

@@ -193,6 +193,16 @@ def test_a_closed_model_and_its_sessions_refuse_calls(smollm2_gguf: Path) -> Non
             call()
 
 
+def test_token_ids_outside_the_vocabulary_are_refused_not_fatal(smollm2_gguf: Path) -> None:
+    # llama.cpp's token table throws std::out_of_range through its C API: the process aborted.
+    with edgellm.load(smollm2_gguf, device="cpu", threads=TEST_THREADS, n_ctx=64) as m:
+        for bad in (-1, m.tokenizer.vocab_size):
+            with pytest.raises(errors.InvalidInputError, match=f"token id {bad} is outside the vocabulary"):
+                m.detokenize([bad])
+            with pytest.raises(errors.InvalidInputError, match="outside the vocabulary"):
+                m.tokenizer.is_special(bad)
+
+
 def test_close_during_a_stream_ends_it_with_model_closed(smollm2_gguf: Path) -> None:
     m = edgellm.load(smollm2_gguf, device="cpu", threads=TEST_THREADS, n_ctx=64)
     stream = m.stream("Once upon a time", max_tokens=32, temperature=0.0)

@@ -23,6 +23,7 @@ import numpy as np
 from edgellm.errors import (
     BackendError,
     ContextOverflowError,
+    InvalidInputError,
     InvalidModelError,
     KVBudgetError,
     MissingDependencyError,
@@ -130,9 +131,16 @@ class LlamaCppTokenizer:
                                          add_special and self.add_bos, parse_special)
         return list(buf[:n])
 
+    def _id(self, token: int) -> int:
+        # llama.cpp indexes its token table with .at(): an id outside it throws a C++ exception
+        # through the C API, which aborts the process (detokenize([-1]) did).
+        if not 0 <= token < self.vocab_size:
+            raise InvalidInputError(f"token id {token} is outside the vocabulary [0, {self.vocab_size})")
+        return token
+
     def token_bytes(self, token: int) -> bytes:
         """Raw bytes of one token's piece (special tokens rendered as their text)."""
-        n = llama_cpp.llama_token_to_piece(self._live(), token, self._buf, len(self._buf), 0, True)
+        n = llama_cpp.llama_token_to_piece(self._live(), self._id(token), self._buf, len(self._buf), 0, True)
         if n < 0:
             big = ctypes.create_string_buffer(-n)
             n = llama_cpp.llama_token_to_piece(self._vocab, token, big, -n, 0, True)
@@ -146,7 +154,7 @@ class LlamaCppTokenizer:
 
     def is_special(self, token: int) -> bool:
         """True for control tokens (BOS, EOS, chat markers)."""
-        return bool(llama_cpp.llama_vocab_is_control(self._live(), token))
+        return bool(llama_cpp.llama_vocab_is_control(self._live(), self._id(token)))
 
     def special_tokens(self) -> dict[str, int]:
         """Text -> id of the control tokens: what llama_tokenize's ``parse_special`` matches

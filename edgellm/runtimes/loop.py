@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Decoder", "FinishReason", "Generation", "Result", "Timings"]
+__all__ = ["Decoder", "FinishReason", "Generation", "Result", "Timings", "check_ids"]
 
 FinishReason = Literal["stop", "length", "eos"]
 
@@ -343,6 +343,19 @@ class Decoder:
 def _logsumexp(rows: np.ndarray) -> np.ndarray:
     top = rows.max(axis=-1, keepdims=True)
     return top + np.log(np.exp(rows - top).sum(axis=-1, keepdims=True))
+
+
+def check_ids(ids: Any, n_vocab: int, what: str = "token ids") -> list[int]:
+    """``ids`` as a list of ints in ``[0, n_vocab)``, or a one-line InvalidInputError."""
+    if isinstance(ids, (str, bytes, bytearray)) or not hasattr(ids, "__iter__"):
+        raise InvalidInputError(f"{what} takes a sequence of int token ids, not {type(ids).__name__}")
+    out = list(ids)
+    for i in out:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise InvalidInputError(f"{what}: token ids are ints, got {type(i).__name__} {i!r:.40}")
+        if not 0 <= i < n_vocab:
+            raise InvalidInputError(f"{what}: token id {i} is outside the vocabulary [0, {n_vocab})")
+    return [int(i) for i in out]
 
 
 def _check_prompt(prompt: list[int], n_vocab: int) -> None:
