@@ -255,6 +255,10 @@ HOSTILE_TEMPLATES = {
     "% width": ("{{ '%2000000000s' % 'x' }}", "a format width"),
     "format width": ("{{ '{:>2000000000}'.format('x') }}", "a format width"),
     "recursion": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "ran out of stack"),
+    "branching recursion": ("{% macro f(n) %}{% if n < 40 %}{{ f(n + 1) }}{{ f(n + 1) }}{% endif %}"
+                            "{% endmacro %}{{ f(0) }}", "ran longer than 0.2 s"),
+    "recursive loop": ("{% for m in [[1, 2], [3]] * 2 recursive %}{{ loop([m] * 30) }}{% endfor %}",
+                       "ran longer than 0.2 s|ran out of stack"),
 }
 
 
@@ -277,6 +281,10 @@ def test_the_budget_leaves_ordinary_templates_alone(tiny_tokenizer_dir: Path) ->
     assert text.count("<|im_start|>user") == 40 and sys.gettrace() is before
     assert render_chat("{{ '%5s|%d'|format('x', 3) }}{{ '{:>4}'.format('y') }}{{ 7 % 3 }}{{ 2 ** 10 }}",
                        msgs, bos_token="", eos_token="") == "    x|3   y11024"
+    loops = ("{% for m in messages if m.content %}{{ loop.index }}/{{ loop.length }}{{ '.' if loop.last }}"
+             "{% else %}none{% endfor %}|{% for k, v in {'a': 1}.items() %}{{ k }}{{ v }}{% endfor %}")
+    assert render_chat(loops, msgs[:3], bos_token="", eos_token="") == "1/32/33/3.|a1"
+    assert render_chat(loops, [], bos_token="", eos_token="") == "none|a1"
 
 
 # -- interleaving on the default session ---------------------------------------------------------

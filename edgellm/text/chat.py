@@ -8,8 +8,9 @@ Jinja2's :class:`~jinja2.sandbox.ImmutableSandboxedEnvironment`: a template cann
 Python internals or mutate the messages it is given.
 
 A template is also held to a render budget (:data:`RENDER_SECONDS`, :data:`RENDER_MAX_CHARS`):
-a deadline checked on every line the template's own code runs (a trace function on the
-rendering thread, template frames only), the output counted as it is generated, and the
+a deadline checked on every call and every 64 items of every ``for`` loop (the parsed
+template's loops get a filter on their iterable; templates have no other way to loop, and
+recursion is bounded by Python's stack), the output counted as it is generated, and the
 operators that can build a huge value in one step (``*``, ``**``, ``+``, ``~``) checked
 before they run, calls and filters checked on their integer arguments, format widths and
 results. Jinja2's sandbox already caps ``range()`` at 100,000 items; neither
@@ -24,12 +25,11 @@ import json
 import logging
 import math
 import re
-import sys
+import threading
 import time
 from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
-from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from edgellm.errors import InvalidInputError, one_line
@@ -59,7 +59,8 @@ RENDER_SECONDS = 2.0
 RENDER_MAX_CHARS = 4 * 2**20
 #: Largest integer a template's ``**`` may build, in bits.
 _MAX_POW_BITS = 4096
-_TEMPLATE_FILE = "<template>"  # co_filename of Jinja2's compiled template code
+_LOOP_CHECK_EVERY = 64  # loop items between two looks at the clock
+_CLOCK = threading.local()  # .deadline, .seconds: the render running on this thread
 
 
 class _OverBudget(Exception):
@@ -92,6 +93,7 @@ def _sized(value: Any) -> int | None:
 
 @lru_cache(maxsize=1)
 def _budget_sandbox() -> type:
+    from jinja2 import nodes
     from jinja2.compiler import CodeGenerator
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -116,11 +118,18 @@ def _budget_sandbox() -> type:
         code_generator_class = BudgetCodeGenerator
         intercepted_binops = frozenset({"*", "**", "+", "%"})
 
+        def _parse(self, source: str, name: str | None, filename: str | None) -> Any:
+            tree = super()._parse(source, name, filename)
+            for loop in tree.find_all(nodes.For):  # every loop's items pass the clock
+                loop.iter = nodes.Filter(loop.iter, _LOOP_FILTER, [], [], None, None, lineno=loop.lineno)
+            return tree
+
         def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
             _check_binop(operator, left, right)
             return super().call_binop(context, operator, left, right)
 
         def call(self, context: Any, obj: Any, *args: Any, **kwargs: Any) -> Any:
+            _check_clock()
             method = getattr(obj, "__wrapped__", obj)  # the sandbox wraps str.format
             if getattr(method, "__name__", None) in ("format", "format_map"):
                 _check_format(getattr(method, "__self__", None))
@@ -210,6 +219,7 @@ def _compile(template: str) -> jinja2.Template:
     env.filters["tojson"] = _tojson
     env.filters = {name: _budgeted_filter(fn) for name, fn in env.filters.items()}
     env.filters["format"] = _budgeted_filter(_format_filter(env.filters["format"]))
+    env.filters[_LOOP_FILTER] = _budget_loop
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     try:
@@ -224,29 +234,30 @@ def _compile(template: str) -> jinja2.Template:
                                 "fix the template or pass another one") from None
 
 
-class _Deadline:
-    """A trace function that stops template code (only) once the deadline has passed."""
+_LOOP_FILTER = "_edgellm_budget_loop"
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.deadline = time.monotonic() + seconds
 
-    def on_call(self, frame: FrameType, event: str, arg: Any) -> Any:
-        return self.on_line if frame.f_code.co_filename == _TEMPLATE_FILE else None
+def _check_clock() -> None:
+    deadline = getattr(_CLOCK, "deadline", None)
+    if deadline is not None and time.monotonic() > deadline:
+        raise _OverBudget(f"it ran longer than {_CLOCK.seconds:g} s")
 
-    def on_line(self, frame: FrameType, event: str, arg: Any) -> Any:
-        if time.monotonic() > self.deadline:
-            raise _OverBudget(f"it ran longer than {self.seconds:g} s")
-        return self.on_line
+
+def _budget_loop(items: Any) -> Any:
+    """A template loop's items, looking at the clock every few (the code generator adds it)."""
+    _check_clock()
+    for k, item in enumerate(items):
+        if k % _LOOP_CHECK_EVERY == _LOOP_CHECK_EVERY - 1:
+            _check_clock()
+        yield item
 
 
 def _render_budgeted(compiled: jinja2.Template, seconds: float, max_chars: int, **context: Any) -> str:
     """``compiled.render(**context)`` within ``seconds`` and ``max_chars`` (else _OverBudget)."""
-    clock = _Deadline(seconds)
     pieces: list[str] = []
     size = 0
-    previous = sys.gettrace()
-    sys.settrace(clock.on_call)
+    previous = getattr(_CLOCK, "deadline", None), getattr(_CLOCK, "seconds", None)
+    _CLOCK.deadline, _CLOCK.seconds = time.monotonic() + seconds, seconds
     try:
         for piece in compiled.generate(**context):
             size += len(piece)
@@ -254,7 +265,7 @@ def _render_budgeted(compiled: jinja2.Template, seconds: float, max_chars: int, 
                 raise _OverBudget(f"its output passed {max_chars} characters")
             pieces.append(piece)
     finally:
-        sys.settrace(previous)
+        _CLOCK.deadline, _CLOCK.seconds = previous
     return "".join(pieces)
 
 
