@@ -359,3 +359,25 @@ def test_threads_on_the_model_get_sessions_of_their_own() -> None:
     assert [got[i] for i in range(4)] == serial and len(model.sessions) == 1
     # Taking turns in one cache would re-read tokens; sessions of their own read each once.
     assert model.engine.evaluated_tokens == sum(m.engine.evaluated_tokens for m in alone)
+
+
+# -- odd values everywhere -------------------------------------------------------------------------
+
+ODD_VALUES = [None, -1, 0, 10**30, 1.5, float("nan"), float("inf"), "x", "", b"x", [], [1], {"a": 1},
+              object(), True, "\ud800", [None], ["a", 1]]
+GENERATE_ARGS = {"prompt": "Hi", "max_tokens": 4, "temperature": 0.0, "top_k": 40, "top_p": 0.95,
+                 "min_p": 0.05, "repeat_penalty": 1.0, "seed": 1, "stop": None}
+
+
+@pytest.mark.parametrize("name", sorted(GENERATE_ARGS))
+def test_odd_values_for_any_generate_argument_give_edgellm_errors_only(name: str) -> None:
+    model = _model(n_ctx=64)
+    outcomes = set()
+    for value in ODD_VALUES:
+        for call in (model.generate, lambda **kw: list(model.stream(**kw))):
+            try:
+                call(**{**GENERATE_ARGS, name: value})
+                outcomes.add("ran")
+            except errors.EdgeLLMError:
+                outcomes.add("refused")
+    assert "refused" in outcomes  # and no other exception escaped
