@@ -381,3 +381,10 @@ def test_odd_values_for_any_generate_argument_give_edgellm_errors_only(name: str
             except errors.EdgeLLMError:
                 outcomes.add("refused")
     assert "refused" in outcomes  # and no other exception escaped
+
+
+def test_raise_exception_in_a_template_is_one_line() -> None:
+    refused = "refused the messages: no system role, please"
+    with pytest.raises(errors.InvalidInputError, match=refused) as caught:
+        render_chat("{{ raise_exception('no system\\nrole,\\n  please') }}", [], bos_token="", eos_token="")
+    assert "\n" not in str(caught.value)

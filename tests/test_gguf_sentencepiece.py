@@ -64,8 +64,8 @@ def spm_checkpoint(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 #: GGUF vocabularies of both SentencePiece styles: Llama 2 / Mistral (a space prefix) and
-#: Gemma (none; edgellm's GGUF writer sets add_space_prefix=false for gemma architectures).
-SPM_STYLES = {"llama": ("llama", True), "gemma": ("gemma2", False)}
+#: Gemma 2 / 3 (none; edgellm's GGUF writer sets add_space_prefix=false for gemma architectures).
+SPM_STYLES = {"llama": ("llama", True), "gemma2": ("gemma2", False), "gemma3": ("gemma3", False)}
 
 
 @pytest.fixture(scope="module", params=sorted(SPM_STYLES))

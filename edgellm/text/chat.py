@@ -68,7 +68,8 @@ class _OverBudget(Exception):
 
 
 def _raise_exception(message: str) -> NoReturn:
-    raise InvalidInputError(f"the chat template refused the messages: {message}")
+    text = " ".join(str(message).split())  # a template's message may span lines
+    raise InvalidInputError(f"the chat template refused the messages: {text}")
 
 
 def _strftime_now(fmt: str) -> str:
