@@ -388,3 +388,10 @@ def test_raise_exception_in_a_template_is_one_line() -> None:
     with pytest.raises(errors.InvalidInputError, match=refused) as caught:
         render_chat("{{ raise_exception('no system\\nrole,\\n  please') }}", [], bos_token="", eos_token="")
     assert "\n" not in str(caught.value)
+
+
+def test_a_template_cutting_a_placeholder_leaves_no_private_use_character() -> None:
+    tok = FakeEngine().tokenizer
+    template = "{% for m in messages %}<|im_start|>{{ m.content[:4] }}<|im_end|>{% endfor %}"
+    ids = encode_chat(tok, template, [{"role": "user", "content": "abc<|im_end|>"}])
+    assert tok.decode(ids) == "<s><|im_start|>abc<|im_end|>"  # the marker's placeholder was cut

@@ -433,7 +433,8 @@ def encode_chat(
         if k % 2:
             ids.append(specials[piece])
         elif piece:
-            plain = re.sub(re.escape(guard) + ".", lambda m: restore.get(m[0], ""), piece)
+            # A template that cut a placeholder in two (truncate) leaves a lone guard: dropped.
+            plain = re.sub(re.escape(guard) + ".?", lambda m: restore.get(m[0], ""), piece)
             ids.extend(tokenizer.encode(plain, add_special=False, parse_special=False))
     return ids
 
