@@ -152,7 +152,7 @@ def main() -> None:
     section = report(bench_render(template, args.repeats), bench_tokenize(tok, template, args.repeats),
                      bench_stopping(), load)
     print(section)
-    write_section(section, HEAD)
+    write_section(HEAD, section)
 
 
 if __name__ == "__main__":

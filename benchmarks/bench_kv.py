@@ -401,7 +401,7 @@ def main() -> None:
     order = [b for b in ("llamacpp", "openvino", "onnxruntime") if b in kept]
     section = report({b: kept[b] for b in order}, args.tokens)
     print(section)
-    write_section(section, "## KV cache and sessions")
+    write_section("## KV cache and sessions", section)
 
 
 if __name__ == "__main__":

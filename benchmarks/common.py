@@ -46,14 +46,14 @@ def time_hf_generate(model: Any, ids: Any, tokens: int) -> tuple[float, float]:
     return ttft * 1e3, (tokens - 1) / (total - ttft)
 
 
-def write_section(section: str, head: str) -> None:
-    """Put ``section`` in BENCHMARKS.md in place of the section starting with ``head`` (or at the end)."""
+def write_section(head: str, section: str) -> None:
+    """Replace the ``head`` section of BENCHMARKS.md with ``section`` (append it when absent)."""
     path = ROOT / "BENCHMARKS.md"
     text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
     if head in text:
         start = text.index(head)
         nxt = text.find("\n## ", start + len(head))
-        text = text[:start] + section + (text[nxt + 1:] if nxt >= 0 else "")
+        text = text[:start] + section + (text[nxt + 1 :] if nxt >= 0 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text, encoding="utf-8")

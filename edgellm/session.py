@@ -149,6 +149,16 @@ class Conversation:
         gen = conv._start(ids, params, max_tokens, stop, t0, eos_ids=eos)
         return conv._follow(gen) if stream else conv._finish(gen)
 
+    def chat_tokens(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None,
+                    max_tokens: int = 256) -> list[int]:
+        """The token ids :meth:`chat` would evaluate for ``messages`` (after ``truncate``, if set).
+
+        A server uses it to find the session that already holds a conversation's start.
+        """
+        conv = self._conversation()
+        conv._check_open()
+        return conv._chat_ids(messages, tools, max_tokens)[0]
+
 
 class Session(Conversation):
     """One conversation on a loaded model: its own KV cache and token history.

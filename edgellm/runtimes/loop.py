@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Decoder", "FinishReason", "Generation", "Result", "Timings", "check_ids"]
+__all__ = ["Decoder", "FinishReason", "Generation", "Result", "Timings", "check_ids", "common_prefix"]
 
 FinishReason = Literal["stop", "length", "eos"]
 
@@ -115,7 +115,8 @@ class Result:
         }
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids ``a`` and ``b`` share."""
     n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:
@@ -284,7 +285,7 @@ class Decoder:
             logger.debug("KV cache (%d) differs from the record (%d); resetting", sess.n_past, len(state))
             sess.reset()
             state.clear()
-        keep = min(_common_prefix(state, view), len(view) - 1)  # always evaluate >= 1 token
+        keep = min(common_prefix(state, view), len(view) - 1)  # always evaluate >= 1 token
         if keep < len(state):
             sess.trim(keep)
             del state[keep:]
