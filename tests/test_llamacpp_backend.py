@@ -165,6 +165,14 @@ def test_trim_equals_recompute(smollm2_gguf: Path) -> None:
     session_checks.check_trim_equals_recompute(_llama_loader(smollm2_gguf))
 
 
+def test_interleaved_streams_and_threads_on_the_model_equal_serial(smollm2_gguf: Path) -> None:
+    session_checks.check_default_interleaving_matches_serial(_llama_loader(smollm2_gguf))
+
+
+def test_chat_markers_typed_by_a_user_stay_text(smollm2_gguf: Path) -> None:
+    session_checks.check_chat_markers_stay_text(_llama_loader(smollm2_gguf))
+
+
 def test_sessions_share_one_context_per_size(smollm2_gguf: Path) -> None:
     bpt = 23040  # SmolLM2: 2 x 30 layers x 3 KV heads x 64 x f16
     with edgellm.load(smollm2_gguf, device="cpu", n_ctx=256, kv_budget=4 * 256 * bpt) as m:
@@ -214,6 +222,27 @@ def test_a_closed_model_and_its_sessions_refuse_calls(smollm2_gguf: Path) -> Non
     s = m.session()
     m.close()
     for call in (lambda: m.tokenize("hi"), lambda: m.detokenize([1, 2]), lambda: m.generate("hi"),
-                 lambda: s.generate("hi"), lambda: list(s.stream("hi")), lambda: m.session()):
-        with pytest.raises(errors.InvalidInputError, match="closed"):
+                 lambda: s.generate("hi"), lambda: list(s.stream("hi")), lambda: m.session(),
+                 lambda: m.chat([{"role": "user", "content": "hi"}]), lambda: m.stream("hi"),
+                 lambda: m.tokenizer.encode("hi"), lambda: m.tokenizer.special_tokens()):
+        with pytest.raises(errors.ModelClosedError, match="closed"):
             call()
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_not_fatal(smollm2_gguf: Path) -> None:
+    # llama.cpp's token table throws std::out_of_range through its C API: the process aborted.
+    with edgellm.load(smollm2_gguf, device="cpu", threads=TEST_THREADS, n_ctx=64) as m:
+        for bad in (-1, m.tokenizer.vocab_size):
+            with pytest.raises(errors.InvalidInputError, match=f"token id {bad} is outside the vocabulary"):
+                m.detokenize([bad])
+            with pytest.raises(errors.InvalidInputError, match="outside the vocabulary"):
+                m.tokenizer.is_special(bad)
+
+
+def test_close_during_a_stream_ends_it_with_model_closed(smollm2_gguf: Path) -> None:
+    m = edgellm.load(smollm2_gguf, device="cpu", threads=TEST_THREADS, n_ctx=64)
+    stream = m.stream("Once upon a time", max_tokens=32, temperature=0.0)
+    next(stream)
+    m.close()
+    with pytest.raises(errors.ModelClosedError):
+        list(stream)

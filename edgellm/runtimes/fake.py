@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgellm._jsonfile import read_json_object
-from edgellm.errors import BackendError, InvalidInputError
+from edgellm.errors import BackendError, InvalidInputError, ModelClosedError
 from edgellm.kvcache import KV_PRECISIONS, KVAbility, KVCache
 from edgellm.spec import ModelSpec
 
@@ -96,6 +96,10 @@ class FakeTokenizer:
         """True for the four special tokens."""
         return id in self._special_text
 
+    def special_tokens(self) -> dict[str, int]:
+        """Text -> id of the four special tokens."""
+        return dict(self.specials)
+
 
 class FakeEngine:
     """An :class:`~edgellm.runtimes.base.Engine` whose greedy output is ``script`` then EOS.
@@ -157,7 +161,7 @@ class FakeEngine:
     def open_session(self, n_ctx: int) -> FakeSession:
         """A new conversation with an empty cache of ``n_ctx`` tokens."""
         if self.closed:
-            raise BackendError("fake engine is closed; open it again")
+            raise ModelClosedError("fake engine is closed; open it again")
         session = FakeSession(self, int(n_ctx))
         self.sessions.append(session)
         return session
@@ -234,7 +238,7 @@ class FakeSession:
         t0 = time.perf_counter()
         eng = self.engine
         if self._closed or eng.closed:
-            raise BackendError("fake session is closed; open another one")
+            raise ModelClosedError("fake session is closed; open another one")
         tokens = [int(t) for t in tokens]
         if not tokens:
             raise InvalidInputError("forward() needs at least one token")

@@ -27,6 +27,7 @@ from edgellm.errors import (
     InvalidModelError,
     KVBudgetError,
     MissingDependencyError,
+    ModelClosedError,
     NoCompatibleRuntimeError,
     SessionStateError,
 )
@@ -100,6 +101,7 @@ class LlamaCppTokenizer:
         eos = int(llama_cpp.llama_vocab_eos(self._vocab))
         self.eos_token = self._text(eos if eos >= 0 else None)
         self._buf = ctypes.create_string_buffer(256)
+        self._controls: dict[str, int] | None = None
 
     def _text(self, token: int | None) -> str | None:
         if token is None:
@@ -112,7 +114,7 @@ class LlamaCppTokenizer:
 
     def _live(self) -> Any:
         if self._vocab is None:
-            raise InvalidInputError("this llama.cpp model is closed; load it again with edgellm.load()")
+            raise ModelClosedError("this llama.cpp model is closed; load it again with edgellm.load()")
         return self._vocab
 
     def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
@@ -129,9 +131,16 @@ class LlamaCppTokenizer:
                                          add_special and self.add_bos, parse_special)
         return list(buf[:n])
 
+    def _id(self, token: int) -> int:
+        # llama.cpp indexes its token table with .at(): an id outside it throws a C++ exception
+        # through the C API, which aborts the process (detokenize([-1]) did).
+        if not 0 <= token < self.vocab_size:
+            raise InvalidInputError(f"token id {token} is outside the vocabulary [0, {self.vocab_size})")
+        return token
+
     def token_bytes(self, token: int) -> bytes:
         """Raw bytes of one token's piece (special tokens rendered as their text)."""
-        n = llama_cpp.llama_token_to_piece(self._live(), token, self._buf, len(self._buf), 0, True)
+        n = llama_cpp.llama_token_to_piece(self._live(), self._id(token), self._buf, len(self._buf), 0, True)
         if n < 0:
             big = ctypes.create_string_buffer(-n)
             n = llama_cpp.llama_token_to_piece(self._vocab, token, big, -n, 0, True)
@@ -145,7 +154,17 @@ class LlamaCppTokenizer:
 
     def is_special(self, token: int) -> bool:
         """True for control tokens (BOS, EOS, chat markers)."""
-        return bool(llama_cpp.llama_vocab_is_control(self._live(), token))
+        return bool(llama_cpp.llama_vocab_is_control(self._live(), self._id(token)))
+
+    def special_tokens(self) -> dict[str, int]:
+        """Text -> id of the control tokens: what llama_tokenize's ``parse_special`` matches
+        and ``parse_special=False`` leaves as text (llama-vocab.cpp ``tokenizer_st_partition``)."""
+        if self._controls is None:
+            vocab = self._live()
+            self._controls = {self._text(i) or "": i for i in range(self.vocab_size)
+                              if llama_cpp.llama_vocab_is_control(vocab, i)}
+            self._controls.pop("", None)
+        return dict(self._controls)
 
 
 def open_vocab(path: Path) -> LlamaCppTokenizer:
@@ -331,7 +350,7 @@ class LlamaCppEngine:
     def open_session(self, n_ctx: int) -> LlamaCppSession:
         """A session of ``n_ctx`` tokens: a free stream of a pool of that size, or a new pool."""
         if self._model is None:
-            raise InvalidInputError(f"{self.path}: this model is closed; load it again")
+            raise ModelClosedError(f"{self.path}: this model is closed; load it again")
         with self._lock:
             # a pool of this size (llama.cpp pads a stream to a multiple of 256 cells)
             pool = next((p for p in self._pools if p.free and 0 <= p.cells - n_ctx < 256), None)
@@ -468,7 +487,7 @@ class LlamaCppSession:
 
     def _check_open(self) -> None:
         if self._closed or self._engine._model is None:
-            raise InvalidInputError(f"{self._engine.path}: this session is closed; open another")
+            raise ModelClosedError(f"{self._engine.path}: this session is closed; open another")
 
     def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Append ``tokens`` to the cache; logits of the last token (or of every token)."""
