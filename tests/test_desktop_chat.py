@@ -27,9 +27,15 @@ from edgellm.runtimes.fake import FakeEngine
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "desktop_chat.py"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def display() -> Iterator[str]:
-    """A fresh Xvfb display, e.g. ":57"."""
+    """A fresh Xvfb display, e.g. ":57", for the whole run.
+
+    Session-scoped on purpose: Tk keeps its connection to a display open after its last
+    window is destroyed, and Xlib ends the process (exit 1, no message) when that server
+    goes away. The tier ordering runs this module's real-tier test after other modules,
+    so a module-scoped Xvfb was stopped and restarted in between, and the run died.
+    """
     missing = [tool for tool in ("Xvfb", "xdotool") if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"no X server can be started here: {', '.join(missing)} not installed "
