@@ -16,6 +16,11 @@ and int4/int8 kernels round differently per batch size, so a greedy answer can d
 near-tie. ``cache_prompt: false`` evaluates the whole prompt afresh: exactly what the
 request gets alone on a new session.
 
+Special tokens: chat message contents are always text (a ``<|im_end|>`` typed by a user
+cannot end its turn or forge a system turn). A ``/v1/completions`` prompt is the calling
+app's own raw prompt and is parsed for special tokens, as llama.cpp's server does, so an app
+can send a prompt it templated itself.
+
 Errors are :class:`APIError` and leave as OpenAI's error body:
 ``{"error": {"message", "type", "param", "code"}}``.
 """
