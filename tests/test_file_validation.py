@@ -1,0 +1,132 @@
+"""Files are validated in Python before native code sees them (issue 13, the file half).
+
+A tiny GGUF written the way llama.cpp's converter writes one (tests/fixtures/tiny_gguf.py) is
+damaged one field at a time; each damage must be one InvalidModelError naming the file and the
+cause (the limits are llama.cpp's own: ggml/src/gguf.cpp and src/llama-model.cpp), never a raw
+exception, never a native abort.
+"""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from gguf import GGUFValueType as V
+
+import edgellm
+from edgellm.errors import InvalidModelError
+from edgellm.gguf_meta import read_gguf_header
+from tests.fixtures.tiny_gguf import TINY_VOCAB, build_tiny_gguf
+
+
+@pytest.fixture()
+def tiny_gguf(tmp_path: Path) -> Path:
+    return build_tiny_gguf(tmp_path / "tiny.gguf")
+
+
+def _refused(path: Path, *needles: str) -> str:
+    with pytest.raises(InvalidModelError) as info:
+        edgellm.inspect(path)
+    text = str(info.value)
+    assert "\n" not in text and str(path) in text
+    for needle in needles:
+        assert needle in text, (needle, text)
+    return text
+
+
+def test_vocabulary_without_vocab_size_key_is_the_token_list(tiny_gguf: Path) -> None:
+    header = read_gguf_header(tiny_gguf)
+    assert "llama.vocab_size" not in header.metadata  # as llama.cpp's converter writes it
+    assert edgellm.inspect(tiny_gguf)["spec"]["vocab_size"] == TINY_VOCAB == 266
+
+
+def test_vocabulary_of_the_loaded_model_matches(tiny_gguf: Path) -> None:
+    model = edgellm.load(tiny_gguf, device="cpu", n_ctx=64, threads=1)
+    try:
+        assert model.engine.n_vocab == TINY_VOCAB == model.engine.spec.vocab_size
+    finally:
+        model.close()
+
+
+BAD_KV = {
+    "block_count 0": ({"llama.block_count": (0, V.UINT32)}, "llama.block_count is 0"),
+    "block_count 513": ({"llama.block_count": (513, V.UINT32)}, "LLAMA_MAX_LAYERS"),
+    "expert_count 1000": ({"llama.expert_count": (1000, V.UINT32),
+                           "llama.expert_used_count": (2, V.UINT32)}, "LLAMA_MAX_EXPERTS"),
+    "experts used without experts": ({"llama.expert_used_count": (2, V.UINT32)}, "expert_used_count"),
+    "head_count 0": ({"llama.attention.head_count": (0, V.UINT32)}, "head_count is 0"),
+    "head_count_kv 0": ({"llama.attention.head_count_kv": (0, V.UINT32)}, "head_count_kv is 0"),
+    "kv heads do not divide": ({"llama.attention.head_count_kv": (3, V.UINT32)}, "does not divide"),
+    "alignment 0": ({"general.alignment": (0, V.UINT32)}, "general.alignment is 0"),
+    "alignment 3": ({"general.alignment": (3, V.UINT32)}, "power of two"),
+    "alignment as uint64": ({"general.alignment": (32, V.UINT64)}, "must be uint32"),
+    "no architecture": ({"general.architecture": None}, "general.architecture"),
+    "short scores": ({"tokenizer.ggml.scores": ([0.0] * 10, V.ARRAY)}, "differ in length"),
+    "vocab_size disagrees with token_embd": ({"llama.vocab_size": (300, V.UINT32)}, "token_embd.weight"),
+    "no vocabulary": ({"tokenizer.ggml.tokens": None, "tokenizer.ggml.token_type": None},
+                      "no vocabulary"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_KV)
+def test_metadata_llama_cpp_would_refuse_or_abort_on(case: str, tmp_path: Path) -> None:
+    edits, needle = BAD_KV[case]
+    _refused(build_tiny_gguf(tmp_path / "bad.gguf", kv=edits), needle)
+
+
+def _find_array(data: bytes, key: str) -> int:
+    """Offset of the item count of array ``key`` (after its name, type 9 and item type)."""
+    name = key.encode()
+    at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    assert struct.unpack_from("<I", data, at)[0] == 9
+    return at + 8
+
+
+def test_array_claiming_2_to_60_items_is_refused_at_once(tiny_gguf: Path) -> None:
+    data = bytearray(tiny_gguf.read_bytes())
+    struct.pack_into("<Q", data, _find_array(bytes(data), "tokenizer.ggml.tokens"), 2**60)
+    tiny_gguf.write_bytes(bytes(data))
+    start = time.perf_counter()
+    _refused(tiny_gguf, "tokenizer.ggml.tokens", "claims 1152921504606846976 items")
+    assert time.perf_counter() - start < 5  # a refusal, not a walk over 2^60 items (generous bound)
+
+
+def test_file_cut_inside_its_vocabulary_says_where(tiny_gguf: Path) -> None:
+    data = tiny_gguf.read_bytes()
+    cut = _find_array(data, "tokenizer.ggml.tokens") + 8 + 1000  # inside the token strings
+    tiny_gguf.write_bytes(data[:cut])
+    text = _refused(tiny_gguf, f"truncated at byte {cut} of at least", "tokenizer.ggml.tokens")
+    assert "struct" not in text and "unpack" not in text
+
+
+def test_file_cut_inside_its_tensors_says_how_long_it_should_be(tiny_gguf: Path) -> None:
+    data = tiny_gguf.read_bytes()
+    tiny_gguf.write_bytes(data[:-1000])
+    _refused(tiny_gguf, f"truncated at byte {len(data) - 1000} of {len(data)}")
+
+
+def test_tensor_offset_out_of_order_is_refused(tiny_gguf: Path) -> None:
+    data = bytearray(tiny_gguf.read_bytes())
+    name = b"blk.0.attn_norm.weight"
+    at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    offset_at = at + 4 + 8 * n_dims + 4
+    struct.pack_into("<Q", data, offset_at, struct.unpack_from("<Q", data, offset_at)[0] + 32)
+    tiny_gguf.write_bytes(bytes(data))
+    _refused(tiny_gguf, "blk.0.attn_norm.weight", "expected")
+
+
+@pytest.mark.parametrize("case", ["block_count 513", "alignment 3"])
+def test_cli_inspect_and_run_refuse_in_one_line(case: str, tmp_path: Path) -> None:
+    bad = build_tiny_gguf(tmp_path / "bad.gguf", kv=BAD_KV[case][0])
+    for argv in (["inspect", str(bad)], ["run", str(bad), "hi", "--max-tokens", "1", "--device", "cpu"]):
+        proc = subprocess.run([sys.executable, "-m", "edgellm", *argv], capture_output=True, text=True,
+                              timeout=120)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert lines[0].startswith("edgellm: error: ") and "bad.gguf" in lines[0], lines[0]
+        assert BAD_KV[case][1] in lines[0]
