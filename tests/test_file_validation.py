@@ -8,12 +8,15 @@ exception, never a native abort.
 
 from __future__ import annotations
 
+import json
+import shutil
 import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from gguf import GGUFValueType as V
 
@@ -130,3 +133,84 @@ def test_cli_inspect_and_run_refuse_in_one_line(case: str, tmp_path: Path) -> No
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
         assert lines[0].startswith("edgellm: error: ") and "bad.gguf" in lines[0], lines[0]
         assert BAD_KV[case][1] in lines[0]
+
+
+# --------------------------------------------------------------------------- safetensors
+
+def _safetensors(path: Path, entries: dict[str, tuple[str, list[int], int, int]], data_len: int,
+                 tail: bytes = b"") -> Path:
+    """A safetensors file from raw header entries ``name -> (dtype, shape, begin, end)``."""
+    header = {n: {"dtype": d, "shape": s, "data_offsets": [b, e]} for n, (d, s, b, e) in entries.items()}
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(data_len) + tail)
+    return path
+
+
+GOOD = {"a": ("F32", [2, 2], 0, 16), "b": ("F16", [4], 16, 24)}
+BAD_SAFETENSORS = {
+    "overlap": ({"a": ("F32", [2, 2], 0, 16), "b": ("F32", [2], 8, 16)}, 16, b"", "overlaps tensor 'a'"),
+    "hole": ({"a": ("F32", [2, 2], 0, 16), "b": ("F16", [4], 20, 28)}, 28, b"", "hole of 4 bytes"),
+    "tail": (GOOD, 24, b"junk", "4 bytes after the last tensor"),
+    "truncated": (GOOD, 20, b"", "truncated at byte"),
+    "size != shape x dtype": ({"a": ("F32", [3], 0, 16)}, 16, b"", "needs 12"),
+    "unknown dtype": ({"a": ("F33", [4], 0, 16)}, 16, b"", "dtype 'F33'"),
+    "negative dim": ({"a": ("F32", [-4], 0, 16)}, 16, b"", "non-negative integers"),
+    "float offset": ({"a": ("F32", [4], 0, 16.0)}, 16, b"", "non-negative integers"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SAFETENSORS)
+def test_safetensors_reference_rules(case: str, tmp_path: Path) -> None:
+    from edgellm.converters.safetensors import open_checkpoint
+
+    entries, data_len, tail, needle = BAD_SAFETENSORS[case]
+    _safetensors(tmp_path / "model.safetensors", entries, data_len, tail)
+    with pytest.raises(InvalidModelError) as info:
+        open_checkpoint(tmp_path)
+    assert "model.safetensors" in str(info.value) and needle in str(info.value), str(info.value)
+
+
+def test_safetensors_good_file_reads_and_integer_weights_are_refused(tmp_path: Path) -> None:
+    from edgellm.converters.safetensors import open_checkpoint
+
+    _safetensors(tmp_path / "model.safetensors", {**GOOD, "c": ("I32", [2], 24, 32)}, 32)
+    ckpt = open_checkpoint(tmp_path)
+    assert ckpt.read("a").shape == (2, 2) and ckpt.read("b").dtype == np.float32
+    with pytest.raises(InvalidModelError, match="stored as I32"):
+        ckpt.read("c")
+
+
+@pytest.mark.parametrize("header", [b"[1, 2]", b" {}", b'{"a": ' * 5000])
+def test_safetensors_header_that_is_not_an_object(header: bytes, tmp_path: Path) -> None:
+    from edgellm.converters.safetensors import open_checkpoint
+
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(InvalidModelError, match="header"):
+        open_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["overlap", "i32 label"])
+def test_convert_refuses_damaged_checkpoint_without_verify(damage: str, tiny_model, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model("llama"), src)
+    st = src / "model.safetensors"
+    data = st.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    name = next(k for k in header if k.endswith("o_proj.weight"))
+    if damage == "overlap":  # point one tensor at its neighbour's bytes, keep the file's length
+        other = next(k for k, v in header.items() if k != name and k != "__metadata__"
+                     and v["data_offsets"][1] - v["data_offsets"][0] >= np.prod(header[name]["shape"]) * 4)
+        begin = header[other]["data_offsets"][0]
+        header[name]["data_offsets"] = [begin, begin + header[name]["data_offsets"][1]
+                                        - header[name]["data_offsets"][0]]
+    else:
+        header[name]["dtype"] = "I32"
+    raw = json.dumps(header).encode().ljust(n)
+    st.write_bytes(data[:8] + raw + data[8 + n:])
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "edgellm", "convert", str(src), "--quant", "f16",
+                           "--no-verify", "-o", str(out)], capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "model.safetensors" in lines[0], proc.stderr
+    assert not out.exists()
