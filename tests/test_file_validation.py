@@ -9,6 +9,7 @@ exception, never a native abort.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -214,3 +215,43 @@ def test_convert_refuses_damaged_checkpoint_without_verify(damage: str, tiny_mod
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "model.safetensors" in lines[0], proc.stderr
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- output errors
+
+def _limit_file_size() -> None:  # in the child: writes past 64 KiB fail with EFBIG, not SIGXFSZ
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+
+def test_convert_out_of_room_names_the_output_and_the_bytes(tiny_model, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "edgellm", "convert", str(tiny_model("llama")), "--quant",
+                           "f32", "--no-verify", "-o", str(out)], capture_output=True, text=True,
+                          timeout=300, preexec_fn=_limit_file_size)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    # numpy's short write has no errno (the "940032 requested and 664640 written")
+    assert str(out) in lines[0] and "came up short" in lines[0] and "after writing" in lines[0], lines[0]
+    assert re.search(r"a write of \d+ bytes stopped \d+ bytes short", lines[0]), lines[0]
+    assert "bytes free" in lines[0] and "unexpected" not in lines[0]
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_no_space_left_is_found_through_a_wrapped_error(tmp_path: Path) -> None:
+    import errno
+
+    from edgellm.converters.staging import Staging
+    from edgellm.errors import ConversionError
+
+    with pytest.raises(ConversionError) as info, Staging(tmp_path / "out") as stage:
+        (stage.path / "part.bin").write_bytes(bytes(1000))
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as exc:
+            raise RuntimeError("exporter failed") from exc
+    assert "the disk is full after writing 1000 bytes" in str(info.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
