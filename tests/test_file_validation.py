@@ -255,3 +255,40 @@ def test_no_space_left_is_found_through_a_wrapped_error(tmp_path: Path) -> None:
             raise RuntimeError("exporter failed") from exc
     assert "the disk is full after writing 1000 bytes" in str(info.value)
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- OpenVINO IR files
+
+@pytest.fixture()
+def ir_folder(tiny_model, tmp_path: Path) -> Path:
+    """An OpenVINO artifact folder with the tiny llama's config and tokenizer and a stand-in IR."""
+    folder = tmp_path / "ir"
+    folder.mkdir()
+    for f in Path(tiny_model("llama")).glob("*.json"):
+        shutil.copy(f, folder / f.name)
+    (folder / "edgellm.json").write_text(json.dumps({"format": "openvino",
+                                                     "files": {"model": "openvino_model.xml"}}))
+    (folder / "openvino_model.bin").write_bytes(bytes(64))
+    return folder
+
+
+def _cli_one_line(*argv: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "edgellm", *argv], capture_output=True, text=True,
+                          timeout=300)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr  # nothing native on the terminal
+    assert lines[0].startswith("edgellm: error: "), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("damage", ["no .bin", "binary .xml", "html .xml"])
+def test_openvino_ir_damage_is_one_line(damage: str, ir_folder: Path) -> None:
+    xml = ir_folder / "openvino_model.xml"
+    xml.write_bytes(bytes(range(256)) * 4 if damage == "binary .xml" else b"<html>not a model</html>")
+    if damage == "no .bin":
+        (ir_folder / "openvino_model.bin").unlink()
+    run = ["run", str(ir_folder), "hi", "--max-tokens", "1", "--device", "cpu", "--backend", "openvino"]
+    line = _cli_one_line(*run)
+    assert "openvino_model" in line and "FileNotFoundError" not in line
+    if damage != "html .xml":  # a file check: inspect and plan refuse it too, before OpenVINO runs
+        assert _cli_one_line("inspect", str(ir_folder)) == line

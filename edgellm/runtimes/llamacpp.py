@@ -33,6 +33,7 @@ from edgellm.errors import (
 from edgellm.gguf_meta import read_gguf_spec
 from edgellm.kvcache import KV_PRECISIONS, KVAbility, KVCache
 from edgellm.runtimes.base import RuntimeOptions, file_fingerprint
+from edgellm.runtimes.native_log import captured_stderr
 
 try:
     import llama_cpp
@@ -259,7 +260,8 @@ class LlamaCppEngine:
         params.n_gpu_layers = int(options.extra.get("n_gpu_layers", default_layers))
         params.use_mmap = bool(options.extra.get("use_mmap", True))
         try:
-            return _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
+            with captured_stderr(logger, f"llama.cpp load {path.name}"):
+                return _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
         except (ValueError, RuntimeError, OSError):
             raise InvalidModelError(
                 f"{path}: llama.cpp could not load the model ({_native_reason()}); "
