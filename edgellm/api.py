@@ -45,6 +45,7 @@ def load(
     kv_precision: str | None = None,
     kv_overflow: str = "error",
     kv_sinks: int = 4,
+    isolate: bool = False,
     **backend_options: Any,
 ) -> Model:
     """Load a converted model (folder with ``edgellm.json``, or a bare ``.gguf`` file).
@@ -68,6 +69,11 @@ def load(
     ``backend`` names a registered backend ("llamacpp", ...); by default the plan's (or, with
     an explicit device, the first installed backend that reads the artifact's format).
     ``threads`` defaults to the physical cores; ``seed`` makes sampling reproducible.
+
+    ``isolate=True`` is for untrusted files: the model is first opened once in a child process
+    (:func:`edgellm.isolate.check_model`, also ``edgellm check``); a native crash or hang there
+    is an InvalidModelError naming the file and the signal, and the file is not loaded here.
+    Bytes that passed are recorded, so the next isolated load of the same file skips the child.
     """
     from edgellm.kvcache import OverflowPolicy, parse_bytes
     from edgellm.model import Model
@@ -77,6 +83,10 @@ def load(
     budget = None if kv_budget is None else parse_bytes(kv_budget)
     OverflowPolicy.parse(kv_overflow, kv_sinks)  # checked before anything is loaded
     artifact = find_artifact(path)
+    if isolate and artifact.format is not Format.FAKE:
+        from edgellm.isolate import check_model
+
+        check_model(artifact.path, backend=backend, device=device)
     if artifact.format is Format.HF:
         raise UnsupportedFormatError(
             f"{artifact.path} is a Hugging Face checkpoint, not a runnable artifact; "
