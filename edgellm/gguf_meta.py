@@ -33,7 +33,8 @@ _DEFAULT_ALIGNMENT = 32
 _SCALARS: dict[int, str] = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
                             10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY, _UINT32 = 8, 9, 4
-_LIST_KEYS_SKIPPED = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+_TOKENS = "tokenizer.ggml.tokens"
+_LIST_KEYS_SKIPPED = (_TOKENS, "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
                       "tokenizer.ggml.scores")
 # The limits llama.cpp's reader enforces (ggml/src/gguf.cpp, ggml/include/ggml.h): beyond them it
 # refuses the file, so edgellm refuses it first, with the reason.
@@ -55,6 +56,12 @@ class _Truncated(Exception):
 
 class _Damaged(Exception):
     """A header value llama.cpp would refuse (the message says which and why)."""
+
+
+def _duplicate(what: str, item: object) -> _Damaged:
+    # llama-vocab.cpp asserts id_to_token.size() == token_to_id.size(): a repeated token aborts
+    text = item.decode("utf-8", errors="replace") if isinstance(item, bytes) else str(item)
+    return _Damaged(f"{what} lists {text[:40]!r} twice (llama.cpp aborts on a repeated token)")
 
 
 class SkippedArray:
@@ -126,7 +133,8 @@ class _Cursor:
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
-    def value(self, vtype: int, what: str, keep: bool = True) -> Any:
+    def value(self, vtype: int, what: str, keep: bool = True, unique: bool = False) -> Any:
+        """One value; ``unique``: an array whose items must differ (a vocabulary's tokens)."""
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype], what)
         if vtype == _STRING:
@@ -135,8 +143,12 @@ class _Cursor:
             item_type, n = self.unpack("<I", what), self.unpack("<Q", what)
             self._check_array(item_type, n, what)
             if not keep:
-                return self._skip_array(item_type, n, what)
-            return [self.value(item_type, what) for _ in range(n)]
+                return self._skip_array(item_type, n, what, unique)
+            items = [self.value(item_type, what) for _ in range(n)]
+            if unique and len(set(items)) != n:
+                seen: set[Any] = set()
+                raise _duplicate(what, next(x for x in items if x in seen or seen.add(x)))
+            return items
         raise _Damaged(f"{what} has value type {vtype}, not a GGUF type (0-12)")
 
     def _check_array(self, item_type: int, n: int, what: str) -> None:
@@ -147,13 +159,19 @@ class _Cursor:
             raise _Damaged(f"{what} claims {n} items (llama.cpp reads at most 2^30)")
         self.need(n * _item_bytes(item_type), what)
 
-    def _skip_array(self, item_type: int, n: int, what: str) -> SkippedArray:
+    def _skip_array(self, item_type: int, n: int, what: str, unique: bool) -> SkippedArray:
         if item_type in _SCALARS:
             self.pos += _item_bytes(item_type) * n
-        else:
-            for _ in range(n):
-                length = self._string_length(what)  # moves past the length field first
-                self.pos += length
+            return SkippedArray(n, item_type)
+        seen: set[bytes] = set()
+        for _ in range(n):
+            length = self._string_length(what)  # moves past the length field first
+            if unique:  # raw bytes: no need to decode the list to find a repeat
+                token = bytes(self.buf[self.pos:self.pos + length])
+                if token in seen:
+                    raise _duplicate(what, token)
+                seen.add(token)
+            self.pos += length
         return SkippedArray(n, item_type)
 
     def count(self, what: str, min_bytes: int) -> int:
@@ -190,7 +208,8 @@ def _read_kv(cur: _Cursor, n_kv: int, full_lists: bool) -> tuple[dict[str, Any],
         if not key or key in meta:
             raise _Damaged(f"key #{i} is {'empty' if not key else f'a duplicate of {key!r}'}")
         types[key] = cur.unpack("<I", f"key {key!r}")
-        meta[key] = cur.value(types[key], f"key {key!r}", keep=full_lists or key not in _LIST_KEYS_SKIPPED)
+        meta[key] = cur.value(types[key], f"key {key!r}", keep=full_lists or key not in _LIST_KEYS_SKIPPED,
+                              unique=key == _TOKENS)
     return meta, types
 
 

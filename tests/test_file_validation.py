@@ -76,6 +76,19 @@ BAD_KV = {
 }
 
 
+def test_a_repeated_token_is_refused_whether_the_list_is_read_or_skipped(tmp_path: Path) -> None:
+    """Found by the fuzzer (seed 2, case 9): one flipped bit made two tokens equal; llama.cpp's
+    vocabulary loader then aborted the process (llama-vocab.cpp GGML_ASSERT)."""
+    from tests.fixtures.tiny_gguf import tiny_tokens
+
+    tokens = tiny_tokens()
+    tokens[200] = tokens[201]
+    bad = build_tiny_gguf(tmp_path / "bad.gguf", kv={"tokenizer.ggml.tokens": (tokens, V.ARRAY)})
+    _refused(bad, "tokenizer.ggml.tokens", "twice")
+    with pytest.raises(InvalidModelError, match="twice"):
+        read_gguf_header(bad, full_lists=True)
+
+
 @pytest.mark.parametrize("case", BAD_KV)
 def test_metadata_llama_cpp_would_refuse_or_abort_on(case: str, tmp_path: Path) -> None:
     edits, needle = BAD_KV[case]
