@@ -33,7 +33,6 @@ from edgellm.errors import (
 from edgellm.gguf_meta import read_gguf_spec
 from edgellm.kvcache import KV_PRECISIONS, KVAbility, KVCache
 from edgellm.runtimes.base import RuntimeOptions, file_fingerprint
-from edgellm.runtimes.native_log import captured_stderr
 
 try:
     import llama_cpp
@@ -270,9 +269,9 @@ class LlamaCppEngine:
         default_layers = 999 if self.device == "gpu" else 0  # all layers offloaded on a GPU
         params.n_gpu_layers = int(options.extra.get("n_gpu_layers", default_layers))
         params.use_mmap = bool(options.extra.get("use_mmap", True))
-        try:
-            with captured_stderr(logger, f"llama.cpp load {path.name}"):
-                return _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
+        try:  # llama.cpp's log goes through _log_callback; fd 2 is left alone so that an abort's
+            # GGML_ASSERT line (the only trace a crash leaves) still reaches the user
+            return _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
         except (ValueError, RuntimeError, OSError):
             raise InvalidModelError(
                 f"{path}: llama.cpp could not load the model ({_native_reason()}); "
