@@ -98,6 +98,7 @@ class GGUFHeader:
     metadata: dict[str, Any]
     tensors: list[TensorEntry]
     types: dict[str, int] = field(default_factory=dict)
+    byte_tokens: frozenset[int] = frozenset()  # bytes with a byte-fallback token (<0x0A>, ...)
 
 
 def _item_bytes(item_type: int) -> int:
@@ -105,9 +106,20 @@ def _item_bytes(item_type: int) -> int:
     return 8 if item_type == _STRING else struct.calcsize(_SCALARS[item_type])
 
 
+def _byte_value(token: bytes) -> int | None:
+    """The byte a byte-fallback token stands for: ``<0x0A>`` -> 10, or a one-byte token itself."""
+    if len(token) == 6 and token.startswith(b"<0x") and token.endswith(b">"):
+        try:
+            return int(token[3:5], 16)
+        except ValueError:
+            return None
+    return token[0] if len(token) == 1 else None
+
+
 class _Cursor:
     def __init__(self, buf: Any) -> None:
         self.buf, self.pos, self.size = buf, 0, len(buf)
+        self.byte_tokens: set[int] = set()  # bytes the vocabulary can fall back to
 
     def need(self, n: int, what: str) -> None:
         if n > self.size - self.pos:
@@ -148,6 +160,9 @@ class _Cursor:
             if unique and len(set(items)) != n:
                 seen: set[Any] = set()
                 raise _duplicate(what, next(x for x in items if x in seen or seen.add(x)))
+            if unique:
+                found = (_byte_value(x.encode("utf-8", "surrogatepass")) for x in items if isinstance(x, str))
+                self.byte_tokens.update(b for b in found if b is not None)
             return items
         raise _Damaged(f"{what} has value type {vtype}, not a GGUF type (0-12)")
 
@@ -171,6 +186,8 @@ class _Cursor:
                 if token in seen:
                     raise _duplicate(what, token)
                 seen.add(token)
+                if (byte := _byte_value(token)) is not None:
+                    self.byte_tokens.add(byte)
             self.pos += length
         return SkippedArray(n, item_type)
 
@@ -266,7 +283,7 @@ def _parse(buf: Any, full_lists: bool) -> GGUFHeader:
         nbytes = ggml_nbytes(type_id, dims)
         tensors.append(TensorEntry(name, type_id, dims, data_start + offset, nbytes))
         expected += (nbytes + align - 1) // align * align
-    return GGUFHeader(version, meta, tensors, types)
+    return GGUFHeader(version, meta, tensors, types, frozenset(cur.byte_tokens))
 
 
 def _fix() -> str:

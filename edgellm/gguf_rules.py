@@ -153,9 +153,22 @@ def _vocabulary(v: _View) -> str | None:
     return None
 
 
+def _byte_fallback(v: _View) -> str | None:
+    """llama.cpp's SentencePiece ('llama') tokenizer falls back to byte tokens for any text its
+    pieces do not cover (llama-vocab.cpp ``byte_to_token``: ``token_to_id.at``); a missing one
+    throws out of a noexcept path and terminates the process at the first such text."""
+    if v.meta.get("tokenizer.ggml.model") != "llama":
+        return None
+    missing = sorted(set(range(256)) - v.header.byte_tokens)
+    if missing:
+        return (f"its SentencePiece ('llama') vocabulary lacks {len(missing)} of the 256 byte tokens "
+                f"(<0x{missing[0]:02X}> first); llama.cpp aborts on text that needs one")
+    return None
+
+
 #: Every rule, in the order llama.cpp's loader meets them; a rule returns the problem or None.
 RULES: tuple[Callable[[_View], str | None], ...] = (
-    _architecture, _vocabulary, _context, _block_count, _experts, _heads, _embedding,
+    _architecture, _vocabulary, _byte_fallback, _context, _block_count, _experts, _heads, _embedding,
 )
 
 

@@ -73,6 +73,9 @@ BAD_KV = {
     "vocab_size disagrees with token_embd": ({"llama.vocab_size": (300, V.UINT32)}, "token_embd.weight"),
     "no vocabulary": ({"tokenizer.ggml.tokens": None, "tokenizer.ggml.token_type": None},
                       "no vocabulary"),
+    # a SentencePiece vocabulary without byte tokens: llama.cpp terminates at the first text
+    # its pieces do not cover (found by a sweep of tokenizer models with edgellm.isolate)
+    "spm without byte fallback": ({"tokenizer.ggml.model": ("llama", V.STRING)}, "lacks 162 of the 256 byte"),
 }
 
 
