@@ -38,6 +38,7 @@ class GGUFMap:
         self.data = data
         self.kinds: dict[str, list[Field]] = defaultdict(list)
         self.values: dict[str, Field] = {}  # scalar metadata values by key
+        self.strings: dict[str, tuple[int, int]] = {}  # string values by key: (start, end) in the file
         self.pos = 4
         self._walk()
 
@@ -58,7 +59,10 @@ class GGUFMap:
 
     def _value(self, vtype: int, key: str, in_array: bool) -> None:
         if vtype == 8:
+            start = self.pos
             self._string("array string length" if in_array else "string length", key)
+            if not in_array:
+                self.strings[key] = (start, self.pos)
         elif vtype == 9:
             item = self._num("array item type", 4, key)
             n = self._num("array count", 8, key)
@@ -103,7 +107,7 @@ def _set(data: bytearray, field: Field, value: int) -> None:
 def mutate_gguf(data: bytes, gmap: GGUFMap, rng: random.Random) -> tuple[bytes, str]:
     """One mutation of a GGUF: a header field, a model key, a truncation, flipped bytes, or data."""
     out = bytearray(data)
-    op = rng.choice(["field", "field", "key", "key", "truncate", "flip", "data"])
+    op = rng.choice(["field", "field", "key", "key", "text", "truncate", "flip", "data"])
     if op == "field":
         kind = rng.choice(sorted(gmap.kinds))
         field = rng.choice(gmap.kinds[kind])
@@ -119,6 +123,8 @@ def mutate_gguf(data: bytes, gmap: GGUFMap, rng: random.Random) -> tuple[bytes, 
         value = _interesting(rng, field.size, old)
         _set(out, field, value)
         return bytes(out), f"key {key}: {old} -> {value}"
+    if op == "text":
+        return _replace_string(data, gmap, rng)
     if op == "truncate":
         end = gmap.header_end if rng.random() < 0.6 else len(data)
         cut = rng.randrange(0, end)
@@ -131,6 +137,23 @@ def mutate_gguf(data: bytes, gmap: GGUFMap, rng: random.Random) -> tuple[bytes, 
     at = rng.randrange(gmap.header_end, len(data) - 64)
     out[at:at + 64] = rng.choice([b"\xff" * 64, bytes(rng.randrange(256) for _ in range(64))])
     return bytes(out), f"64 tensor-data bytes at {at} overwritten"
+
+
+#: Replacement texts for string values: other tokenizer models and architectures, empty, long.
+TEXTS = ["llama", "gpt2", "bert", "t5", "rwkv", "plamo2", "none", "no_vocab", "qwen2", "gemma3", "phi3",
+         "bogus", "", "x" * 5000]
+
+
+def _replace_string(data: bytes, gmap: GGUFMap, rng: random.Random) -> tuple[bytes, str]:
+    """A string value replaced by another text; the header is re-padded so the data stays aligned."""
+    key = rng.choice(sorted(gmap.strings))
+    start, end = gmap.strings[key]
+    text = rng.choice(TEXTS).encode()
+    head = data[:start] + struct.pack("<Q", len(text)) + text + data[end:gmap.header_end]
+    align = 32  # the seeds carry no general.alignment
+    data_start = -(-gmap.header_end // align) * align
+    padded = head + bytes(-len(head) % align)
+    return padded + data[data_start:], f"string {key!r} -> {text[:20]!r}"
 
 
 def _split(data: bytes) -> tuple[dict, bytes]:
