@@ -1,11 +1,16 @@
 """Read and validate a GGUF file's header before any native code sees it.
 
 llama.cpp aborts or prints to stderr on a damaged file; edgellm checks the magic, the
-header and that every tensor's data lies inside the file first, and raises
-:class:`InvalidModelError` naming the file and the fix.
+header with the limits of llama.cpp's own reader (``ggml/src/gguf.cpp``: string and array
+lengths, counts against the file size, value types, alignment, tensor records and offsets) and
+that every tensor's data lies inside the file first, then the model-level rules of
+:mod:`edgellm.gguf_rules`, and raises :class:`InvalidModelError` naming the file and the fix.
+Every claim is bounded before it is used, so time and memory follow the file, never a count
+written in it.
 
 The parser is edgellm's own (the GGUF spec, ggml ``docs/gguf.md``): it reads the key/value
-section straight from a memory map and skips the vocabulary arrays unless asked for them.
+section straight from a memory map and skips the vocabulary arrays unless asked for them
+(the token list is still walked once, raw, for repeated tokens and byte-fallback tokens).
 gguf-py's ``GGUFReader`` builds a numpy view per array element, which costs seconds for a
 49k-token vocabulary, on every load.
 """
