@@ -14,7 +14,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -110,9 +109,9 @@ def test_array_claiming_2_to_60_items_is_refused_at_once(tiny_gguf: Path) -> Non
     data = bytearray(tiny_gguf.read_bytes())
     struct.pack_into("<Q", data, _find_array(bytes(data), "tokenizer.ggml.tokens"), 2**60)
     tiny_gguf.write_bytes(bytes(data))
-    start = time.perf_counter()
+    # the message comes from the bound on the claim, checked before any item is read
+    # (the time it takes is measured in benchmarks/bench_validation.py, not asserted here)
     _refused(tiny_gguf, "tokenizer.ggml.tokens", "claims 1152921504606846976 items")
-    assert time.perf_counter() - start < 5  # a refusal, not a walk over 2^60 items (generous bound)
 
 
 def test_file_cut_inside_its_vocabulary_says_where(tiny_gguf: Path) -> None:
