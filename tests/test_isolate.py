@@ -44,7 +44,6 @@ def test_a_child_that_dies_or_hangs_is_one_error_and_no_load(entry: list[str], n
                                                              monkeypatch: pytest.MonkeyPatch,
                                                              record_dir: Path) -> None:
     monkeypatch.setattr(isolate, "CHILD_ENTRY", entry)
-    monkeypatch.setattr(isolate, "DEFAULT_TIMEOUT_S", 2.0)
     _never_load_here(monkeypatch)
     with pytest.raises(InvalidModelError) as info:
         isolate.check_model(tiny_gguf, timeout_s=2.0)
