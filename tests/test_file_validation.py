@@ -221,13 +221,16 @@ def test_convert_refuses_damaged_checkpoint_without_verify(damage: str, tiny_mod
                                         - header[name]["data_offsets"][0]]
     else:
         header[name]["dtype"] = "I32"
-    raw = json.dumps(header).encode().ljust(n)
-    st.write_bytes(data[:8] + raw + data[8 + n:])
+    raw = json.dumps(header).encode()
+    st.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    if damage == "overlap":  # a header check: inspect refuses it too (an I32 label is refused on read)
+        assert "overlaps" in _cli_one_line("inspect", str(src))
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "edgellm", "convert", str(src), "--quant", "f16",
                            "--no-verify", "-o", str(out)], capture_output=True, text=True, timeout=300)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "model.safetensors" in lines[0], proc.stderr
+    assert ("overlaps" if damage == "overlap" else "stored as I32") in lines[0], lines[0]
     assert not out.exists()
 
 
