@@ -11,6 +11,7 @@ edgellm's own arithmetic divide by zero (a head count of 0). Each rule here is a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -111,6 +112,18 @@ def _embedding(v: _View) -> str | None:
     return None
 
 
+_EPSILONS = ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon")
+
+
+def _norm_epsilon(v: _View) -> str | None:
+    """ggml's norm operators assert ``eps >= 0.0f``: a NaN or negative epsilon aborts the first decode."""
+    for key in _EPSILONS:
+        eps = v.get(key)
+        if eps is not None and not (isinstance(eps, (int, float)) and 0 <= eps < math.inf):
+            return f"{v.name(key)} is {eps!r}; it must be a finite number >= 0 (else ggml aborts)"
+    return None
+
+
 def _context(v: _View) -> str | None:
     n = v.get("context_length")
     if n is not None and (not _is_uint(n) or n == 0):
@@ -169,6 +182,7 @@ def _byte_fallback(v: _View) -> str | None:
 #: Every rule, in the order llama.cpp's loader meets them; a rule returns the problem or None.
 RULES: tuple[Callable[[_View], str | None], ...] = (
     _architecture, _vocabulary, _byte_fallback, _context, _block_count, _experts, _heads, _embedding,
+    _norm_epsilon,
 )
 
 
