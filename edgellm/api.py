@@ -68,7 +68,9 @@ def load(
 
     ``backend`` names a registered backend ("llamacpp", ...); by default the plan's (or, with
     an explicit device, the first installed backend that reads the artifact's format).
-    ``threads`` defaults to the physical cores; ``seed`` makes sampling reproducible.
+    ``threads`` defaults to the physical cores and may not exceed the logical ones; ``seed``
+    (None, or an int >= 0) makes sampling reproducible. ``n_ctx`` may not exceed the model's
+    trained positions, nor a session's KV cache the memory available here, on every device.
 
     ``isolate=True`` is for untrusted files: the model is first opened once in a child process
     (:func:`edgellm.isolate.check_model`, also ``edgellm check``); a native crash or hang there
@@ -77,9 +79,13 @@ def load(
     """
     from edgellm.kvcache import OverflowPolicy, parse_bytes
     from edgellm.model import Model
+    from edgellm.runtimes.base import check_threads
+    from edgellm.runtimes.sampling import check_seed
 
     _check_positive("n_ctx", n_ctx)
-    _check_positive("threads", threads)
+    if threads is not None:
+        check_threads(threads)
+    check_seed(seed)
     budget = None if kv_budget is None else parse_bytes(kv_budget)
     OverflowPolicy.parse(kv_overflow, kv_sinks)  # checked before anything is loaded
     artifact = find_artifact(path)

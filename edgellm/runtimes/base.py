@@ -74,6 +74,28 @@ THREADS_ENV = "EDGELLM_THREADS"
 DEFAULT_MAX_CTX = 4096
 
 
+def max_threads() -> int:
+    """The most threads a backend may be given: this machine's logical cores.
+
+    More only oversubscribes the cores, and very large counts crash native runtimes
+    (ggml asserts ``n_threads <= GGML_MAX_N_THREADS``, 512: ``threads=100000`` aborted the process).
+    """
+    import os
+
+    return os.cpu_count() or 1
+
+
+def check_threads(value: object, source: str = "threads") -> int:
+    """``value`` as a thread count in ``1..max_threads()``, or a one-line InvalidInputError."""
+    most = max_threads()
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise InvalidInputError(
+            f"{source}={value!r} is not a usable thread count; this machine has {most} logical "
+            f"core(s): pass an integer from 1 to {most} (1 on a device shared with other busy work)"
+        )
+    return value
+
+
 def env_threads() -> int | None:
     """``$EDGELLM_THREADS`` as a thread count, or None when it is unset or empty."""
     import os
@@ -84,7 +106,7 @@ def env_threads() -> int | None:
     if not raw.isdigit() or int(raw) < 1:
         raise InvalidInputError(f"{THREADS_ENV}={raw!r} is not a thread count; set a positive integer "
                                 f"(1 on a device shared with other busy work) or unset it")
-    return int(raw)
+    return check_threads(int(raw), THREADS_ENV)
 
 
 @dataclass(frozen=True)
@@ -110,7 +132,9 @@ class RuntimeOptions:
 
         import psutil
 
-        return self.threads or env_threads() or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        if self.threads is not None:
+            return check_threads(self.threads)
+        return env_threads() or psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
     def context_for(self, spec: ModelSpec) -> int:
         """``n_ctx``, or the model's trained context capped at :data:`DEFAULT_MAX_CTX`."""
@@ -466,6 +490,8 @@ _FAKE_OPTIONS = (
     Option("script", "the text the fake model replies with"),
     Option("chat_template", "a Jinja chat template for the fake tokenizer"),
     Option("n_vocab", "vocabulary size (padded with unused ids)"),
+    Option("echo", "true: reply with the last user message of a ChatML prompt instead of the script"),
+    Option("step_seconds", "seconds each forward pass sleeps (to simulate a slow device)"),
 )
 
 
