@@ -82,17 +82,6 @@ def _native_reason() -> str:
 
 
 
-def _bounded_threads(threads: int) -> int:
-    """At most this machine's logical CPUs: ggml sizes its thread pool from the count, and an
-    absurd one (``threads=100000``) aborts the process (GGML_MAX_N_THREADS is 512)."""
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if threads > cores:
-        logger.warning("threads=%d is more than the %d CPUs here; llama.cpp uses %d", threads, cores, cores)
-    return max(1, min(threads, cores))
-
-
 class LlamaCppTokenizer:
     """The tokenizer stored in the GGUF file, run by llama.cpp (implements ``Tokenizer``)."""
 
@@ -313,7 +302,7 @@ class LlamaCppEngine:
         self.spec, metadata = read_gguf_spec(path)  # validates before native code sees the file
         self._metadata = metadata
         self.device = self._pick_device(options.device)
-        self.threads = _bounded_threads(options.thread_count())
+        self.threads = options.thread_count()  # bounded by the logical cores (check_threads)
         self.default_ctx = options.context_for(self.spec)
         self.max_ctx = self.spec.max_positions
         self.n_batch = int(options.extra.get("n_batch", 512))
