@@ -166,6 +166,15 @@ def _vocabulary(v: _View) -> str | None:
     return None
 
 
+def _tokenizer(v: _View) -> str | None:
+    """'no_vocab' / 'none' load, but llama.cpp has no tokenizer then, and the first text edgellm
+    tokenizes aborts (llama-vocab.cpp asserts "Tokenizer not initialized")."""
+    model = v.meta.get("tokenizer.ggml.model")
+    if model in ("no_vocab", "none"):
+        return f"tokenizer.ggml.model is {model!r}: the file has no tokenizer, and edgellm runs text"
+    return None
+
+
 def _byte_fallback(v: _View) -> str | None:
     """llama.cpp's SentencePiece ('llama') tokenizer falls back to byte tokens for any text its
     pieces do not cover (llama-vocab.cpp ``byte_to_token``: ``token_to_id.at``); a missing one
@@ -181,8 +190,8 @@ def _byte_fallback(v: _View) -> str | None:
 
 #: Every rule, in the order llama.cpp's loader meets them; a rule returns the problem or None.
 RULES: tuple[Callable[[_View], str | None], ...] = (
-    _architecture, _vocabulary, _byte_fallback, _context, _block_count, _experts, _heads, _embedding,
-    _norm_epsilon,
+    _architecture, _vocabulary, _tokenizer, _byte_fallback, _context, _block_count, _experts, _heads,
+    _embedding, _norm_epsilon,
 )
 
 
@@ -192,4 +201,4 @@ def check_model_rules(path: Path, header: GGUFHeader) -> None:
     for rule in RULES:
         problem = rule(view)
         if problem:
-            raise InvalidModelError(f"{path}: {problem}; llama.cpp cannot load this file — re-convert it")
+            raise InvalidModelError(f"{path}: {problem}; llama.cpp fails or aborts on it — re-convert it")

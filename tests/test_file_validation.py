@@ -75,6 +75,10 @@ BAD_KV = {
     # a SentencePiece vocabulary without byte tokens: llama.cpp terminates at the first text
     # its pieces do not cover (found by a sweep of tokenizer models with edgellm.isolate)
     "spm without byte fallback": ({"tokenizer.ggml.model": ("llama", V.STRING)}, "lacks 162 of the 256 byte"),
+    # found by the fuzzer after the merge (seed 7, case 235, SmolLM2 keeps its vocab_size key):
+    # llama.cpp loads a 'no_vocab' file, then asserts at the first tokenize
+    "no tokenizer": ({"tokenizer.ggml.model": ("no_vocab", V.STRING), "llama.vocab_size": (266, V.UINT32)},
+                     "has no tokenizer"),
     # found by the fuzzer (seed 0, cases 462 and 717): a NaN epsilon aborts in ggml's rms_norm
     "rms epsilon NaN": ({"llama.attention.layer_norm_rms_epsilon": (float("nan"), V.FLOAT32)}, "finite"),
     "rms epsilon negative": ({"llama.attention.layer_norm_rms_epsilon": (-1e-5, V.FLOAT32)}, ">= 0"),
