@@ -188,10 +188,21 @@ def _byte_fallback(v: _View) -> str | None:
     return None
 
 
+def _norm_weights(v: _View) -> str | None:
+    """Norm weights are F32 in every file llama.cpp writes (its converter and quantizer keep 1-D
+    tensors F32); ggml's norm multiply asserts it, so another type aborts the first decode."""
+    for t in v.header.tensors:
+        if t.name.endswith("norm.weight") and t.type_id != 0:
+            from gguf.constants import GGMLQuantizationType
+
+            return f"tensor {t.name!r} is {GGMLQuantizationType(t.type_id).name}; norm weights must be F32"
+    return None
+
+
 #: Every rule, in the order llama.cpp's loader meets them; a rule returns the problem or None.
 RULES: tuple[Callable[[_View], str | None], ...] = (
     _architecture, _vocabulary, _tokenizer, _byte_fallback, _context, _block_count, _experts, _heads,
-    _embedding, _norm_epsilon,
+    _embedding, _norm_epsilon, _norm_weights,
 )
 
 

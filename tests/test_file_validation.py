@@ -145,6 +145,18 @@ def test_tensor_offset_out_of_order_is_refused(tiny_gguf: Path) -> None:
     _refused(tiny_gguf, "blk.0.attn_norm.weight", "expected")
 
 
+def test_a_norm_weight_that_is_not_f32_is_refused(tiny_gguf: Path) -> None:
+    """Found by the fuzzer (seed 7, case 951): output_norm.weight typed Q4_1 (F16 too) loads,
+    then ggml aborts at the first decode."""
+    data = bytearray(tiny_gguf.read_bytes())
+    name = b"output_norm.weight"  # the last tensor: its offset stays valid whatever its size
+    at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    struct.pack_into("<I", data, at + 4 + 8 * n_dims, 1)  # F16
+    tiny_gguf.write_bytes(bytes(data))
+    _refused(tiny_gguf, "'output_norm.weight' is F16", "must be F32")
+
+
 @pytest.mark.parametrize("case", ["block_count 513", "alignment 3"])
 def test_cli_inspect_and_run_refuse_in_one_line(case: str, tmp_path: Path) -> None:
     bad = build_tiny_gguf(tmp_path / "bad.gguf", kv=BAD_KV[case][0])
