@@ -30,6 +30,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import write_section  # noqa: E402
+
 HEAD = "## File validation and fuzzing"
 
 
@@ -114,19 +116,7 @@ def report(rows: dict[str, dict[str, float]], checks: dict[str, dict[str, float]
               f"**{t['crash']} crashes, {t['hang']} hangs, {t['raw']} raw exceptions**, {t['multiline']} "
               f"multi-line messages; {t['edgellm']} refused with an edgellm error, {t['ok']} opened and "
               "generated a token.", ""]
-    return "\n".join(lines)
-
-
-def write_section(section: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text(encoding="utf-8")
-    if HEAD in text:
-        start = text.index(HEAD)
-        nxt = text.find("\n## ", start + len(HEAD))
-        text = text[:start] + section + (text[nxt:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -147,7 +137,7 @@ def main() -> None:
         fuzz = run_fuzz(args.fuzz_cases, seed=args.fuzz_seed)
     section = report(rows, checks, fuzz, args.repeats, check_repeats)
     print(section)
-    write_section(section)
+    write_section(HEAD, section)
 
 
 if __name__ == "__main__":
