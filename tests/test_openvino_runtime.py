@@ -118,6 +118,22 @@ def test_all_logits_match_pytorch(arch: str, ov_export, tiny_model, cache_dir: P
         rt.close()
 
 
+@pytest.mark.parametrize("arch", tiny_models.ARCHITECTURE_NAMES)
+def test_prefill_computes_logits_for_the_last_position_only(arch: str, ov_export, cache_dir: Path) -> None:
+    """The Slice before the output MatMul (ov_logits) is found on every architecture."""
+    rt = _open(ov_export(arch), cache_dir, kv_precision="f32")
+    try:
+        assert rt.engine.sliced_logits
+        rt.forward(PROMPT_IDS)
+        request = rt.session._request
+        assert tuple(request.get_tensor("logits").shape) == (1, 1, rt.n_vocab)
+        rt.reset()
+        rt.forward(PROMPT_IDS, all_logits=True)
+        assert tuple(request.get_tensor("logits").shape) == (1, len(PROMPT_IDS), rt.n_vocab)
+    finally:
+        rt.close()
+
+
 @pytest.mark.parametrize("arch", sorted(_EXPORT_DRIFT))
 @pytest.mark.xfail(strict=True, reason="optimum-intel export drift (see module docstring)")
 def test_export_matches_eager_reference(arch: str, ov_export, tiny_model, cache_dir: Path) -> None:

@@ -41,6 +41,7 @@ from edgellm.kvcache.arrays import pack_arrays, release_freed_memory, unpack_arr
 from edgellm.kvcache.rope import shift_frequencies, shift_positions
 from edgellm.runtimes.base import RuntimeOptions, file_fingerprint
 from edgellm.runtimes.native_log import captured_stderr
+from edgellm.runtimes.ov_logits import LOGITS_FROM, slice_before_lm_head
 from edgellm.spec import ModelSpec
 from edgellm.text.tokenizer import HFTokenizer
 
@@ -247,6 +248,7 @@ class OpenVINOEngine:
         self.ov_device = select_device(options.device, self._core.available_devices)
         self.threads = options.thread_count()
         self.npu: dict[str, int] | None = None
+        self.sliced_logits = False  # set by _compile: logits only for the rows read
         if self.ov_device == "NPU":
             self.npu = npu_shapes(options.extra, _manifest_of(folder))
             self.default_ctx = self._npu_context(options)
@@ -294,17 +296,21 @@ class OpenVINOEngine:
             )
 
     def _compile(self) -> Any:
-        """Compile from the file path, so a cached blob loads without reading the IR at all.
+        """Compile the IR, with logits computed only for the positions read (:mod:`.ov_logits`).
 
-        When that fails, the IR is read explicitly to tell a damaged file
-        (:class:`InvalidModelError` naming it) from a device that cannot compile it
-        (:class:`BackendError`).
+        The NPU pipeline keeps its static shapes and compiles from the file path, so a
+        cached blob loads without reading the IR; when that fails, the IR is read to tell a
+        damaged file (:class:`InvalidModelError` naming it) from a device that cannot
+        compile it (:class:`BackendError`).
         """
-        try:
-            with captured_stderr(logger, f"OpenVINO compile {self.path.name}"):
-                return self._core.compile_model(str(self.path), self.ov_device, self.properties)
-        except (RuntimeError, ValueError, TypeError):
-            model = self._read_model()
+        if self.npu is not None:
+            try:
+                with captured_stderr(logger, f"OpenVINO compile {self.path.name}"):
+                    return self._core.compile_model(str(self.path), self.ov_device, self.properties)
+            except (RuntimeError, ValueError, TypeError):
+                pass
+        model = self._read_model()
+        self.sliced_logits = self.npu is None and slice_before_lm_head(model)
         try:
             return self._core.compile_model(model, self.ov_device, self.properties)
         except (RuntimeError, ValueError, TypeError) as exc:
@@ -468,6 +474,8 @@ class OpenVINOSession:
                 "beam_idx": np.zeros((1,), dtype=np.int32)}
         if "position_ids" in self._engine._inputs:
             feed["position_ids"] = np.arange(past, past + n, dtype=np.int64)[None, :]
+        if self._engine.sliced_logits:  # every row for all_logits, else the last one only
+            feed[LOGITS_FROM] = np.array([0 if all_logits else n - 1], dtype=np.int64)
         try:
             self._request.infer(feed)
         except (RuntimeError, ValueError, TypeError) as exc:

@@ -140,8 +140,7 @@ class Server:
 
     def close(self) -> None:
         """Stop the workers and close the sessions (the model stays open)."""
-        for s in list(self.pool._busy):  # running generations stop at their next token
-            s.close()
+        self.pool.interrupt()  # running generations stop at their next token
         self._workers.shutdown(wait=True, cancel_futures=True)
         self.pool.close()
 

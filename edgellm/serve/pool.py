@@ -156,6 +156,11 @@ class SessionPool:
         self._busy.add(session)
         return session
 
+    def interrupt(self) -> None:
+        """Close the sessions in use: their generations end with an error at the next token."""
+        for s in list(self._busy):
+            s.close()
+
     def close(self) -> None:
         """Close every session (the model stays open)."""
         for fut in (f for _, f in self._waiters if not f.done()):
