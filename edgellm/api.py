@@ -45,6 +45,7 @@ def load(
     kv_precision: str | None = None,
     kv_overflow: str = "error",
     kv_sinks: int = 4,
+    isolate: bool = False,
     **backend_options: Any,
 ) -> Model:
     """Load a converted model (folder with ``edgellm.json``, or a bare ``.gguf`` file).
@@ -70,6 +71,11 @@ def load(
     ``threads`` defaults to the physical cores and may not exceed the logical ones; ``seed``
     (None, or an int >= 0) makes sampling reproducible. ``n_ctx`` may not exceed the model's
     trained positions, nor a session's KV cache the memory available here, on every device.
+
+    ``isolate=True`` is for untrusted files: the model is first opened once in a child process
+    (:func:`edgellm.isolate.check_model`, also ``edgellm check``); a native crash or hang there
+    is an InvalidModelError naming the file and the signal, and the file is not loaded here.
+    Bytes that passed are recorded, so the next isolated load of the same file skips the child.
     """
     from edgellm.kvcache import OverflowPolicy, parse_bytes
     from edgellm.model import Model
@@ -83,6 +89,10 @@ def load(
     budget = None if kv_budget is None else parse_bytes(kv_budget)
     OverflowPolicy.parse(kv_overflow, kv_sinks)  # checked before anything is loaded
     artifact = find_artifact(path)
+    if isolate and artifact.format is not Format.FAKE:
+        from edgellm.isolate import check_model
+
+        check_model(artifact.path, backend=backend, device=device)
     if artifact.format is Format.HF:
         raise UnsupportedFormatError(
             f"{artifact.path} is a Hugging Face checkpoint, not a runnable artifact; "

@@ -16,6 +16,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -111,6 +112,23 @@ def _detect_folder_format(folder: Path) -> tuple[Format, Path]:
     )
 
 
+def _check_ir(folder: Path, xml: Path) -> None:
+    """An OpenVINO IR: XML text (OpenVINO offers anything else to every frontend, TensorFlow's
+    included, which prints its parse errors) and its weights, a .bin beside it."""
+    with xml.open("rb") as f:
+        if not f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<"):
+            raise InvalidModelError(f"{xml}: not an OpenVINO IR (the .xml is not XML text); re-convert it")
+    if not xml.with_suffix(".bin").is_file():
+        raise InvalidModelError(
+            f"{folder}: {xml.with_suffix('.bin').name}, the weights of {xml.name}, is missing; copy it "
+            "beside the .xml or re-convert the model"
+        )
+
+
+#: Checks of a format's files beyond the model file existing, run before anything reads them.
+_FILE_CHECKS: dict[Format, Callable[[Path, Path], None]] = {Format.OPENVINO: _check_ir}
+
+
 def find_artifact(path: str | Path) -> Artifact:
     """Resolve a user path (folder with manifest, bare .gguf, HF checkpoint) to an Artifact."""
     p = Path(path).expanduser()
@@ -144,6 +162,7 @@ def find_artifact(path: str | Path) -> Artifact:
                 f"{p / MANIFEST_NAME}: names model file {model_file.name!r}, which is missing; "
                 "re-convert the model"
             )
+        _FILE_CHECKS.get(fmt, lambda folder, file: None)(p, model_file)
         return Artifact(p, fmt, model_file, manifest)
     fmt, model_file = _detect_folder_format(p)
     return Artifact(p, fmt, model_file, {"format": fmt.value})

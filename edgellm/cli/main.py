@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from edgellm import __version__
-from edgellm.cli import bench, chat, convert, devices, inspect, plan, quickstart, run, serve, verify
+from edgellm.cli import bench, chat, check, convert, devices, inspect, plan, quickstart, run, serve, verify
 from edgellm.cli._common import GLOBAL_FLAGS
 from edgellm.errors import EdgeLLMError, InvalidInputError
 
@@ -36,6 +36,7 @@ COMMANDS: dict[str, ModuleType] = {
     "convert": convert,
     "verify": verify,
     "inspect": inspect,
+    "check": check,
     "bench": bench,
     "devices": devices,
     "plan": plan,

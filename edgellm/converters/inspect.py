@@ -43,7 +43,11 @@ def _describe_gguf(artifact: Artifact) -> dict[str, Any]:
 
 
 def _describe_hf(artifact: Artifact) -> dict[str, Any]:
+    from edgellm.converters.safetensors import open_checkpoint
+
     spec = ModelSpec.from_hf_dir(artifact.path)
+    if any(artifact.path.glob("*.safetensors")):  # the header checks convert runs, nothing read
+        open_checkpoint(artifact.path).close()
     return {"quantization": None, "spec": spec.to_dict(), "context_length": spec.max_positions,
             "n_params": spec.n_params()}
 

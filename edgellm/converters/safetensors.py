@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgellm.errors import InvalidModelError, ModelNotFoundError, UnsafeCheckpointError
+from edgellm.errors import InvalidModelError, ModelNotFoundError, UnsafeCheckpointError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,12 @@ _DTYPES: dict[str, tuple[str, int]] = {
     "U8": ("u1", 1),
     "BOOL": ("u1", 1),
 }
-_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors spec's own limit
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# The reference implementation's rules (huggingface/safetensors, safetensors/src/tensor.rs:
+# read_metadata and Metadata::validate): header at most 100 MB and a JSON object, every tensor's
+# bytes == prod(shape) x dtype size, tensors sorted by offset tile the data section with no
+# overlap and no hole, and the data section ends exactly at the end of the file.
+_MAX_HEADER_BYTES = 100_000_000
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -57,11 +63,11 @@ class TensorInfo:
     @property
     def numel(self) -> int:
         """Number of elements."""
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)
 
 
-def _read_header(path: Path) -> dict[str, TensorInfo]:
-    size = path.stat().st_size
+def _header_json(path: Path, size: int) -> tuple[dict[str, object], int]:
+    """The header object and the data section's start; damage is an InvalidModelError."""
     with path.open("rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -69,50 +75,82 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
         (n,) = struct.unpack("<Q", head)
         if n > _MAX_HEADER_BYTES or 8 + n > size:
             raise InvalidModelError(
-                f"{path}: header claims {n} bytes but the file has {size}; "
-                "the file is truncated or not safetensors — re-download it"
+                f"{path}: header claims {n} bytes but the file has {size} (safetensors allows at most "
+                f"{_MAX_HEADER_BYTES}); the file is truncated or not safetensors — re-download it"
             )
         raw = f.read(n)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidModelError(f"{path}: corrupt safetensors header ({exc}); re-download it") from None
+        header = json.loads(raw) if raw[:1] == b"{" else None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InvalidModelError(
+            f"{path}: corrupt safetensors header ({one_line(exc)}); re-download it"
+        ) from None
     if not isinstance(header, dict):
         raise InvalidModelError(f"{path}: safetensors header is not a JSON object; re-download it")
-    data_start = 8 + n
-    infos: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        infos[name] = _tensor_info(path, name, entry, data_start, size)
+    return header, 8 + n
+
+
+def _read_header(path: Path) -> dict[str, TensorInfo]:
+    size = path.stat().st_size
+    header, data_start = _header_json(path, size)
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise InvalidModelError(f"{path}: __metadata__ must map names to strings; re-download it")
+    infos = {name: _tensor_info(path, name, entry, data_start) for name, entry in header.items()}
+    _check_layout(path, sorted(infos.values(), key=lambda t: (t.start, t.nbytes)), data_start, size)
     return infos
 
 
-def _tensor_info(path: Path, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
+def _check_layout(path: Path, tensors: list[TensorInfo], data_start: int, size: int) -> None:
+    """Sorted by offset, the tensors tile ``[data_start, size)``: no overlap, no hole, no tail."""
+    end, previous = data_start, "the header"
+    for t in tensors:
+        if t.start != end:
+            gap = f"leaves a hole of {t.start - end} bytes after {previous}"
+            what = f"overlaps {previous}" if t.start < end else gap
+            raise InvalidModelError(
+                f"{path}: tensor {t.name!r} (bytes {t.start - data_start}-{t.start - data_start + t.nbytes} "
+                f"of the data) {what}; the file is corrupt — re-download it"
+            )
+        end, previous = t.start + t.nbytes, f"tensor {t.name!r}"
+    if end > size:
+        raise InvalidModelError(f"{path}: truncated at byte {size} of {end}; re-download it")
+    if end < size:
+        raise InvalidModelError(
+            f"{path}: {size - end} bytes after the last tensor that no header entry describes; "
+            "the file is corrupt — re-download it"
+        )
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
     try:
         dtype = entry["dtype"]  # type: ignore[index]
-        shape = tuple(int(d) for d in entry["shape"])  # type: ignore[index]
-        begin, end = (int(x) for x in entry["data_offsets"])  # type: ignore[index]
+        shape = tuple(entry["shape"])  # type: ignore[index]
+        begin, end = entry["data_offsets"]  # type: ignore[index]
     except (TypeError, KeyError, ValueError):
         raise InvalidModelError(
             f"{path}: malformed header entry for tensor {name!r}; re-download it"
         ) from None
-    if dtype not in _DTYPES:
+    if not all(_is_uint(x) for x in (*shape, begin, end)) or end < begin:
+        raise InvalidModelError(
+            f"{path}: tensor {name!r} has shape {list(shape)} and offsets [{begin}, {end}]; shape and "
+            "offsets must be non-negative integers, the end not before the start — re-download it"
+        )
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise InvalidModelError(
             f"{path}: tensor {name!r} has dtype {dtype!r}; supported: {', '.join(_DTYPES)}"
         )
-    expected = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype][1]
-    if end - begin != expected or begin < 0:
+    expected = math.prod(shape) * _DTYPES[dtype][1]
+    if end - begin != expected:
         raise InvalidModelError(
             f"{path}: tensor {name!r} spans {end - begin} bytes but shape {list(shape)} "
             f"of {dtype} needs {expected}; the file is corrupt — re-download it"
         )
-    if data_start + end > size:
-        raise InvalidModelError(
-            f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has {size} bytes; "
-            "the file is truncated — re-download it"
-        )
     return TensorInfo(name, path, dtype, shape, data_start + begin, end - begin)
+
+
+def _is_uint(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class Checkpoint:
@@ -141,6 +179,11 @@ class Checkpoint:
         with each tensor.
         """
         info = self.tensors[name]
+        if info.dtype not in _FLOAT_DTYPES:  # F32 bytes labelled I32 would convert as integers
+            raise InvalidModelError(
+                f"{info.file}: tensor {name!r} is stored as {info.dtype}, but a model's weights are "
+                f"floating point ({', '.join(_FLOAT_DTYPES)}); the header is wrong — re-save the checkpoint"
+            )
         np_dtype = _DTYPES[info.dtype][0]
         with info.file.open("rb") as f:
             f.seek(info.start)

@@ -8,8 +8,10 @@ final name; stale partial folders of dead processes are removed by the next conv
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -17,7 +19,7 @@ from types import TracebackType
 from typing import Any
 
 from edgellm.artifact import Artifact, find_artifact, write_manifest
-from edgellm.errors import InvalidInputError, OutputExistsError
+from edgellm.errors import ConversionError, InvalidInputError, OutputExistsError
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +34,46 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+#: OSError numbers that mean "the output does not fit", and how to say so.
+_NO_ROOM = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EFBIG: "a file would pass the file-size limit",
+}
+# numpy's tofile() reports a short write as a bare OSError with no errno
+_SHORT_WRITE = re.compile(r"(\d+) requested and (\d+) written")
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def no_room_error(output: Path, staging: Path, exc: BaseException) -> ConversionError | None:
+    """The one-line error for a write that ran out of room (anywhere in ``exc``'s chain), or None.
+
+    It names the output, how many bytes were written, the bytes a short write missed when the
+    writer says so, and the space left, instead of "940032 requested and 664640 written".
+    """
+    seen: BaseException | None = exc
+    while seen is not None and not isinstance(seen, OSError):
+        seen = seen.__cause__ or seen.__context__
+    if seen is None:
+        return None
+    short = _SHORT_WRITE.search(str(seen))
+    if seen.errno not in _NO_ROOM and short is None:
+        return None
+    cause = _NO_ROOM.get(seen.errno or 0, "a write came up short (disk full or a file-size limit)")
+    missing = ""
+    if short:
+        missing = f"; a write of {short[1]} bytes stopped {int(short[1]) - int(short[2])} bytes short"
+    written = _folder_bytes(staging) if staging.exists() else 0
+    free = shutil.disk_usage(output.parent).free
+    return ConversionError(
+        f"{output}: {cause} after writing {written} bytes{missing} ({free} bytes free on that disk); "
+        "free some space or choose another output folder and convert again; nothing was left at the output"
+    )
 
 
 def _remove_stale_partials(parent: Path, name: str) -> None:
@@ -95,4 +137,7 @@ class Staging:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if not self._committed:
+            no_room = no_room_error(self.output, self.path, exc) if exc is not None else None
             shutil.rmtree(self.path, ignore_errors=True)
+            if no_room is not None:
+                raise no_room from exc

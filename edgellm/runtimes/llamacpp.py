@@ -302,7 +302,7 @@ class LlamaCppEngine:
         self.spec, metadata = read_gguf_spec(path)  # validates before native code sees the file
         self._metadata = metadata
         self.device = self._pick_device(options.device)
-        self.threads = options.thread_count()
+        self.threads = options.thread_count()  # bounded by the logical cores (check_threads)
         self.default_ctx = options.context_for(self.spec)
         self.max_ctx = self.spec.max_positions
         self.n_batch = int(options.extra.get("n_batch", 512))
@@ -333,7 +333,8 @@ class LlamaCppEngine:
         default_layers = 999 if self.device == "gpu" else 0  # all layers offloaded on a GPU
         params.n_gpu_layers = int(options.extra.get("n_gpu_layers", default_layers))
         params.use_mmap = bool(options.extra.get("use_mmap", True))
-        try:
+        try:  # llama.cpp's log goes through _log_callback; fd 2 is left alone so that an abort's
+            # GGML_ASSERT line (the only trace a crash leaves) still reaches the user
             return _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
         except (ValueError, RuntimeError, OSError):
             raise InvalidModelError(

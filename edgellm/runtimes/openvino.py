@@ -40,6 +40,7 @@ from edgellm.kvcache import KV_PRECISIONS, KVAbility, KVCache
 from edgellm.kvcache.arrays import pack_arrays, release_freed_memory, unpack_arrays
 from edgellm.kvcache.rope import shift_frequencies, shift_positions
 from edgellm.runtimes.base import RuntimeOptions, file_fingerprint
+from edgellm.runtimes.native_log import captured_stderr
 from edgellm.runtimes.ov_logits import LOGITS_FROM, slice_before_lm_head
 from edgellm.spec import ModelSpec
 from edgellm.text.tokenizer import HFTokenizer
@@ -304,7 +305,8 @@ class OpenVINOEngine:
         """
         if self.npu is not None:
             try:
-                return self._core.compile_model(str(self.path), self.ov_device, self.properties)
+                with captured_stderr(logger, f"OpenVINO compile {self.path.name}"):
+                    return self._core.compile_model(str(self.path), self.ov_device, self.properties)
             except (RuntimeError, ValueError, TypeError):
                 pass
         model = self._read_model()
@@ -320,7 +322,8 @@ class OpenVINOEngine:
     def _read_model(self) -> Any:
         """Read the IR; a truncated or mismatched .bin is an InvalidModelError naming it."""
         try:
-            model = self._core.read_model(str(self.path), str(self.path.with_suffix(".bin")))
+            with captured_stderr(logger, f"OpenVINO read {self.path.name}"):
+                model = self._core.read_model(str(self.path), str(self.path.with_suffix(".bin")))
         except (RuntimeError, ValueError, OSError) as exc:
             raise InvalidModelError(
                 f"{self.path}: OpenVINO could not read the model ({_one_line(exc)}); the .xml or "
