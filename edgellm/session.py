@@ -81,6 +81,7 @@ class Conversation:
         repeat_penalty: float = 1.0,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        ignore_eos: bool = False,
     ) -> Iterator[str]:
         """Like :meth:`generate`, yielding text pieces as they are decoded.
 
@@ -92,7 +93,8 @@ class Conversation:
         t0 = time.perf_counter()
         ids = conv._prompt_ids(prompt)
         params = conv._params(temperature, top_k, top_p, min_p, repeat_penalty, seed)
-        return conv._follow(conv._start(ids, params, max_tokens, stop, t0))
+        eos = frozenset() if ignore_eos else None
+        return conv._follow(conv._start(ids, params, max_tokens, stop, t0, eos_ids=eos))
 
     @overload
     def chat(self, messages: Sequence[dict[str, Any]], max_tokens: int = ..., temperature: float = ...,

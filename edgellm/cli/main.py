@@ -19,7 +19,18 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from edgellm import __version__
-from edgellm.cli import bench, chat, convert, devices, inspect, plan, quickstart, run, verify
+from edgellm.cli import (
+    bench,
+    chat,
+    convert,
+    devices,
+    inspect,
+    plan,
+    profile,
+    quickstart,
+    run,
+    verify,
+)
 from edgellm.cli._common import GLOBAL_FLAGS
 from edgellm.errors import EdgeLLMError, InvalidInputError
 
@@ -37,6 +48,7 @@ COMMANDS: dict[str, ModuleType] = {
     "verify": verify,
     "inspect": inspect,
     "bench": bench,
+    "profile": profile,
     "devices": devices,
     "plan": plan,
 }

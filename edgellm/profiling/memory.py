@@ -19,6 +19,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 import psutil
@@ -69,6 +70,8 @@ class MemorySampler:
         self._t0 = 0.0
         self._os_peak_before: int | None = None
         self._os_peak_after: int | None = None
+        self.probe: Callable[[], int] | None = None
+        self._probed: list[tuple[float, int]] = []
 
     # -- sampling -------------------------------------------------------------------
 
@@ -76,16 +79,24 @@ class MemorySampler:
         """Take one sample now and return it (bytes)."""
         rss = int(self._process.memory_info().rss)
         t_ms = (time.perf_counter() - self._t0) * 1000.0
+        probe = self.probe
+        value = None if probe is None else int(probe())
         with self._lock:
             self._samples.append((t_ms, rss))
+            if value is not None:
+                self._probed.append((t_ms, value))
         return rss
+
+    def now_ms(self) -> float:
+        """Milliseconds since sampling started, on the timeline's clock (for marking phases)."""
+        return (time.perf_counter() - self._t0) * 1000.0
 
     def _run(self) -> None:
         interval_s = self.interval_ms / 1000.0
         while not self._stop.wait(interval_s):
             try:
                 self.sample()
-            except psutil.Error as exc:  # never let the sampler kill the measured work
+            except Exception as exc:  # never let the sampler (or a probe) kill the measured work
                 logger.warning("memory sampling stopped: %s", exc)
                 return
 
@@ -127,6 +138,12 @@ class MemorySampler:
         """A copy of the samples so far: ``[(t_ms, rss_bytes), ...]``."""
         with self._lock:
             return list(self._samples)
+
+    @property
+    def probe_timeline(self) -> list[tuple[float, int]]:
+        """A copy of the probe's readings: ``[(t_ms, value), ...]``."""
+        with self._lock:
+            return list(self._probed)
 
     @property
     def baseline_rss_bytes(self) -> int:
