@@ -16,6 +16,7 @@ from edgellm.artifact import Format, find_artifact
 from edgellm.converters import ProgressFn
 from edgellm.errors import InvalidInputError, UnsupportedFormatError
 from edgellm.runtimes.base import RuntimeOptions, open_engine
+from edgellm.runtimes.threads import parse_threads
 
 if TYPE_CHECKING:
     from edgellm.artifact import Artifact
@@ -38,7 +39,7 @@ def load(
     backend: str | None = None,
     device: str = "auto",
     n_ctx: int | None = None,
-    threads: int | None = None,
+    threads: int | str | None = "auto",
     seed: int | None = None,
     *,
     kv_budget: int | str | None = None,
@@ -67,13 +68,16 @@ def load(
 
     ``backend`` names a registered backend ("llamacpp", ...); by default the plan's (or, with
     an explicit device, the first installed backend that reads the artifact's format).
-    ``threads`` defaults to the physical cores; ``seed`` makes sampling reproducible.
+    ``threads="auto"`` (the default) takes the physical cores that are idle at load, so a
+    model embedded beside other busy work does not collapse (``$EDGELLM_THREADS`` overrides
+    it; see :mod:`edgellm.runtimes.threads`); ``threads=N`` is exact. ``seed`` makes sampling
+    reproducible.
     """
     from edgellm.kvcache import OverflowPolicy, parse_bytes
     from edgellm.model import Model
 
     _check_positive("n_ctx", n_ctx)
-    _check_positive("threads", threads)
+    threads = parse_threads(threads)
     budget = None if kv_budget is None else parse_bytes(kv_budget)
     OverflowPolicy.parse(kv_overflow, kv_sinks)  # checked before anything is loaded
     artifact = find_artifact(path)

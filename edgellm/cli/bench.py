@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from edgellm.cli._common import add_command, non_negative_int, positive_int, print_json
+from edgellm.cli._common import add_command, non_negative_int, positive_int, print_json, thread_count
 
 __all__ = ["add_parser", "run"]
 
@@ -25,7 +25,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=non_negative_int, default=1,
                    help="unmeasured runs first (default: 1)")
     p.add_argument("--backend", help="backend name (default: the first that fits)")
-    p.add_argument("--threads", type=positive_int, help="CPU threads")
+    p.add_argument("--threads", type=thread_count, default="auto",
+                   help="CPU threads, or auto: the physical cores idle at load (default)")
     p.add_argument("--n-ctx", type=positive_int, help="context size in tokens")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     return p

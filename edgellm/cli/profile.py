@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from edgellm.cli._common import add_command, positive_int, print_json
+from edgellm.cli._common import add_command, positive_int, print_json, thread_count
 
 __all__ = ["add_parser", "run"]
 
@@ -33,7 +33,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="KV cache budget, e.g. 8MiB; past it the cache slides (evictions are marked)")
     p.add_argument("--device", default="auto", help="cpu, gpu, npu or auto (default)")
     p.add_argument("--backend", help="backend name (default: the plan's)")
-    p.add_argument("--threads", type=positive_int, help="CPU threads (default: auto)")
+    p.add_argument("--threads", type=thread_count, default="auto",
+                   help="CPU threads, or auto: the physical cores idle at load (default)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--report", metavar="DIR",
                    help="write profile.json, profile.md and memory.png into DIR")

@@ -118,7 +118,7 @@ def bench(
     repeats: int = 3,
     warmup: int = 1,
     backend: str | None = None,
-    threads: int | None = None,
+    threads: int | str | None = "auto",
     n_ctx: int | None = None,
 ) -> BenchReport:
     """Load ``model_path`` and generate ``max_tokens`` greedily ``warmup + repeats`` times.

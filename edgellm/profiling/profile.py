@@ -123,7 +123,7 @@ def profile(
     kv_budget: int | str | None = None,
     device: str = "auto",
     backend: str | None = None,
-    threads: int | None = None,
+    threads: int | str | None = "auto",
     interval_ms: float = 5.0,
     on_token: Any = None,
 ) -> ProfileReport:

@@ -227,7 +227,8 @@ class LlamaCppEngine:
         self.spec, metadata = read_gguf_spec(path)  # validates before native code sees the file
         self._metadata = metadata
         self.device = self._pick_device(options.device)
-        self.threads = options.thread_count()
+        self.thread_choice = options.thread_choice()
+        self.threads = self.thread_choice.count
         self.default_ctx = options.context_for(self.spec)
         self.max_ctx = self.spec.max_positions
         self.n_batch = int(options.extra.get("n_batch", 512))
@@ -362,6 +363,7 @@ class LlamaCppEngine:
             "backend": self.backend,
             "device": self.device,
             "threads": self.threads,
+            "threads_reason": self.thread_choice.reason,
             "n_ctx": self.default_ctx,
             "n_batch": self.n_batch,
             "kv_precision": self.kv_precision,

@@ -1,0 +1,108 @@
+"""Thread counts: explicit is exact, $EDGELLM_THREADS next, "auto" from the cores free now.
+
+The idle measurement is replaced by fixed numbers: what is tested is the arithmetic and the
+knobs each backend gets for an automatic count. Speeds are measured in
+benchmarks/bench_contention.py, never here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import edgellm
+from edgellm.cli.main import main
+from edgellm.errors import InvalidInputError
+from edgellm.runtimes import threads as th
+from edgellm.runtimes.base import RuntimeOptions
+
+
+@pytest.fixture()
+def no_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    monkeypatch.delenv(th.THREADS_ENV, raising=False)  # conftest sets 1 for the suite
+    return monkeypatch
+
+
+def _host(monkeypatch: pytest.MonkeyPatch, idle: float, usable: int, logical: int, physical: int) -> None:
+    monkeypatch.setattr(th, "free_cores", lambda window_s=th.IDLE_WINDOW_S: (idle, usable))
+    monkeypatch.setattr(th, "cpu_counts", lambda: (logical, physical))
+
+
+@pytest.mark.parametrize(("idle", "usable", "logical", "physical", "expected"), [
+    (2.0, 2, 2, 2, 2),    # quiet 2-core machine: every core
+    (1.0, 2, 2, 2, 1),    # one busy peer on 2 cores: one thread (DESIGN.md: 85 vs 11 tok/s)
+    (1.6, 2, 2, 2, 2),    # a peer using 40% of a core leaves it mostly free
+    (0.05, 2, 2, 2, 1),   # everything busy: still one thread
+    (8.0, 8, 8, 4, 4),    # hyper-threads: physical cores only
+    (4.0, 8, 8, 4, 2),    # half the CPUs idle on a hyper-threaded 4-core: 2 threads
+    (2.0, 2, 8, 4, 1),    # pinned to 2 logical CPUs of a 4-core/8-thread part: one core's worth
+])
+def test_auto_counts(no_env: pytest.MonkeyPatch, idle: float, usable: int, logical: int,
+                     physical: int, expected: int) -> None:
+    _host(no_env, idle, usable, logical, physical)
+    choice = th.choose_threads("auto")
+    assert choice.count == expected and choice.auto
+    assert f"{idle:.1f} of {usable} CPUs idle" in choice.reason
+    assert th.choose_threads(None).count == expected
+
+
+def test_explicit_and_env_are_exact(no_env: pytest.MonkeyPatch) -> None:
+    _host(no_env, 0.0, 2, 2, 2)
+    assert th.choose_threads(7) == th.ThreadChoice(7, False, "asked for")
+    no_env.setenv(th.THREADS_ENV, "3")
+    assert th.choose_threads("auto") == th.ThreadChoice(3, False, "$EDGELLM_THREADS")
+    assert th.choose_threads(5).count == 5  # an explicit count beats the environment
+    no_env.setenv(th.THREADS_ENV, "auto")
+    assert th.choose_threads(None).auto
+    assert RuntimeOptions(threads=2).thread_choice() == th.ThreadChoice(2, False, "asked for")
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "two", ""])
+def test_bad_thread_values(bad: object) -> None:
+    with pytest.raises(InvalidInputError, match="positive integer or 'auto'"):
+        th.parse_threads(bad)
+
+
+def test_bad_env_value(no_env: pytest.MonkeyPatch) -> None:
+    no_env.setenv(th.THREADS_ENV, "many")
+    with pytest.raises(InvalidInputError, match="EDGELLM_THREADS='many'"):
+        th.choose_threads()
+
+
+def test_free_cores_reads_the_usable_cpus() -> None:
+    idle, usable = th.free_cores(0.05)
+    assert 0.0 <= idle <= usable and usable >= 1
+
+
+def test_load_refuses_bad_threads_before_loading(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match="threads must be"):
+        edgellm.load(tmp_path / "missing", threads=0)
+
+
+def test_cli_threads_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(tmp_path / "m"), "hi", "--threads", "zero"]) == 2
+    assert "expected a positive integer" in capsys.readouterr().err
+
+
+def test_onnxruntime_stops_spinning_for_auto() -> None:
+    from tests.fixtures import require
+
+    require("onnxruntime")
+    from edgellm.runtimes.onnxruntime import session_options
+
+    key = "session.intra_op.allow_spinning"
+    assert session_options(2, spin=False).get_session_config_entry(key) == "0"
+    with pytest.raises(Exception, match="does not have configuration"):
+        session_options(2).get_session_config_entry(key)  # left to ORT's default (spinning)
+
+
+def test_openvino_unpins_for_auto() -> None:
+    from tests.fixtures import require
+
+    require("openvino")
+    from edgellm.runtimes.openvino import build_properties
+
+    assert build_properties("CPU", 1, {}, None, shared=True)["ENABLE_CPU_PINNING"] == "NO"
+    assert "ENABLE_CPU_PINNING" not in build_properties("CPU", 1, {}, None)
+    assert "ENABLE_CPU_PINNING" not in build_properties("GPU", 1, {}, None, shared=True)
