@@ -157,7 +157,8 @@ class Session(Conversation):
         self.budget_key = budget_key  # what this session reserved of the model's kv_budget
         self._backend = backend
         self.policy = policy
-        self._decoder = Decoder(backend, model.tokenizer, model.engine.n_vocab, policy, capacity_note)
+        self._decoder = Decoder(backend, model.tokenizer, model.engine.n_vocab, policy, capacity_note,
+                                tuner=getattr(model.engine, "tuner", None))
         self.last_result: Result | None = None
         self._closed = False
 

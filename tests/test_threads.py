@@ -106,3 +106,89 @@ def test_openvino_unpins_for_auto() -> None:
     assert build_properties("CPU", 1, {}, None, shared=True)["ENABLE_CPU_PINNING"] == "NO"
     assert "ENABLE_CPU_PINNING" not in build_properties("CPU", 1, {}, None)
     assert "ENABLE_CPU_PINNING" not in build_properties("GPU", 1, {}, None, shared=True)
+
+
+# -- ThreadTuner: the count follows the other work while decoding ------------------------------
+
+
+class _Clock:
+    """Scripted /proc/stat readings: each check, others took ``others`` cores over 1 s."""
+
+    def __init__(self, usable: int = 2) -> None:
+        self.busy, self.own, self.wall, self.usable = 0.0, 0.0, 0.0, usable
+
+    def advance(self, others: float, own: float = 1.0) -> None:
+        self.busy += others + own
+        self.own += own
+        self.wall += 1.0
+
+    def read(self) -> tuple[list[float], float, float]:
+        return [self.busy / self.usable] * self.usable, self.own, self.wall
+
+
+def _tuner(monkeypatch: pytest.MonkeyPatch, clock: _Clock, current: int) -> tuple[th.ThreadTuner, list[int]]:
+    monkeypatch.setattr(th, "_counters", clock.read)
+    monkeypatch.setattr(th, "cpu_counts", lambda: (clock.usable, clock.usable))
+    applied: list[int] = []
+    return th.ThreadTuner([1, 2], current, applied.append), applied
+
+
+def _steps(tuner: th.ThreadTuner, clock: _Clock, others: float, n: int, seconds: float = 0.01) -> None:
+    for _ in range(n):
+        if (tuner._steps + 1) % tuner.CHECK_STEPS == 0:
+            clock.advance(others)
+        tuner.observe(seconds)
+
+
+def test_tuner_drops_to_one_thread_when_a_peer_gets_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    tuner, applied = _tuner(monkeypatch, clock, current=2)
+    _steps(tuner, clock, others=0.0, n=64)
+    assert applied == [] and tuner.current == 2  # quiet: stays
+    _steps(tuner, clock, others=1.0, n=16)
+    assert applied == []  # one check is not enough: no flapping on a blip
+    _steps(tuner, clock, others=1.0, n=16)
+    assert applied == [1] and tuner.current == 1
+    _steps(tuner, clock, others=0.1, n=32)
+    assert applied == [1, 2]  # the peer stopped: back to both cores
+    assert [h[2] for h in tuner.history][-1] == 2
+
+
+def test_tuner_ignores_alternating_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    tuner, applied = _tuner(monkeypatch, clock, current=2)
+    for others in (1.0, 0.0) * 4:
+        _steps(tuner, clock, others=others, n=16)
+    assert applied == []
+
+
+def test_tuner_checks_early_when_steps_slow_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    tuner, _ = _tuner(monkeypatch, clock, current=2)
+    _steps(tuner, clock, others=0.0, n=10, seconds=0.01)  # a baseline, no check due yet
+    assert tuner._checked == 0
+    clock.advance(1.0)
+    for _ in range(tuner.WINDOW):
+        tuner.observe(0.05)  # 5x slower: a check before the 16th step
+    assert 0 < tuner._checked < tuner.CHECK_STEPS
+
+
+def test_only_an_automatic_count_is_tuned() -> None:
+    assert th.ThreadChoice(2, False, "asked for", 2).tuner(print) is None
+    assert th.ThreadChoice(1, True, "auto", 1).tuner(print) is None  # one core: nothing to tune
+    assert isinstance(th.ThreadChoice(1, True, "auto", 2).tuner(lambda n: None), th.ThreadTuner)
+
+
+def test_decode_steps_reach_the_tuner(tmp_path: Path) -> None:
+    import json
+
+    folder = tmp_path / "fake"
+    folder.mkdir()
+    (folder / "edgellm.json").write_text(json.dumps({"format": "fake", "files": {"model": "f.json"}}))
+    (folder / "f.json").write_text(json.dumps({"script": "some words to decode"}))
+    seen: list[float] = []
+    with edgellm.load(folder, backend="fake") as model:
+        model.engine.tuner = type("Stub", (), {"observe": lambda self, s: seen.append(s)})()
+        r = model.generate("hi", max_tokens=6, temperature=0, ignore_eos=True)
+    assert len(seen) == r.completion_tokens - 1 == 5  # one per one-token step after the first
+    assert all(s >= 0 for s in seen)

@@ -12,16 +12,21 @@ count on a dedicated machine is better served by spinning.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
+import statistics
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from edgellm.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AUTO", "THREADS_ENV", "ThreadChoice", "choose_threads", "free_cores", "parse_threads"]
+__all__ = ["AUTO", "THREADS_ENV", "ThreadChoice", "ThreadTuner", "choose_threads", "free_cores",
+           "parse_threads"]
 
 AUTO = "auto"
 
@@ -29,17 +34,26 @@ AUTO = "auto"
 THREADS_ENV = "EDGELLM_THREADS"
 
 #: How long the idle share is measured at load (seconds). /proc/stat counts in 10 ms ticks
-#: (USER_HZ 100), so 0.2 s gives 20 ticks per CPU: a busy peer shows as ~1.0 core used.
-IDLE_WINDOW_S = 0.2
+#: (USER_HZ 100), so 0.1 s gives 10 ticks per CPU: a busy peer shows as ~1.0 core used. The
+#: first guess only has to be good for the prefill: :class:`ThreadTuner` corrects decoding.
+IDLE_WINDOW_S = 0.1
 
 
 @dataclass(frozen=True)
 class ThreadChoice:
-    """A thread count, whether it was chosen automatically, and why."""
+    """A thread count, whether it was chosen automatically, and why; ``limit`` is the most
+    an automatic count may grow to (the physical cores usable), else the count itself."""
 
     count: int
     auto: bool
     reason: str
+    limit: int = 0
+
+    def tuner(self, apply: Callable[[int], None]) -> ThreadTuner | None:
+        """A :class:`ThreadTuner` over ``1 .. limit`` for an automatic count, else None."""
+        if not self.auto or self.limit <= 1:
+            return None
+        return ThreadTuner(list(range(1, self.limit + 1)), self.count, apply)
 
 
 def parse_threads(value: object, where: str = "threads") -> int | str | None:
@@ -107,8 +121,104 @@ def choose_threads(threads: int | str | None = None, window_s: float = IDLE_WIND
         return ThreadChoice(from_env, False, f"${THREADS_ENV}")
     idle, usable = free_cores(window_s)
     cores = _physical_share(usable)
-    # a core counts as free when more than half of it was idle; never fewer than one thread
-    count = max(1, min(cores, math.floor(idle * cores / usable + 0.5)))
+    count = _share(idle, usable, cores)
     reason = f"auto: {idle:.1f} of {usable} CPUs idle over {window_s * 1000:.0f} ms, {cores} physical"
     logger.info("threads %d (%s)", count, reason)
-    return ThreadChoice(count, True, reason)
+    return ThreadChoice(count, True, reason, cores)
+
+
+class ThreadTuner:
+    """Adapts an automatic thread count while decoding, from how busy the *other* work is.
+
+    Every ``CHECK_STEPS`` one-token steps (and at once when the median of the last ``WINDOW``
+    steps is ``SLOWDOWN`` times the best seen), the CPU time the usable CPUs spent busy since
+    the last check, minus this process's own CPU time, gives the cores other processes took;
+    the target is the physical share of the rest (as at load). A change of count needs two
+    checks in a row agreeing (no flapping); ``apply(n)`` sets it (llama.cpp:
+    ``llama_set_n_threads``, no reload). Probing by trying counts was tried first and
+    dropped: beside a busy process one step at the collapsing count costs 15x a good step
+    (measured on SmolLM2 Q4_1, 2 cores: 250 ms against 18 ms). Reading ``/proc/stat`` costs
+    tens of microseconds and never slows a step.
+    """
+
+    CHECK_STEPS = 16
+    WINDOW = 8
+    SLOWDOWN = 1.5
+
+    def __init__(self, counts: list[int], current: int, apply: Callable[[int], None]) -> None:
+        self.limit = max(counts)
+        self.current = current
+        self._apply = apply
+        self._lock = threading.Lock()
+        self._steps = self._checked = 0
+        self._recent: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
+        self._best = math.inf
+        self._pending: int | None = None
+        self._last = _counters()
+        # (step, cores others took, count after) of the last checks
+        self.history: collections.deque[tuple[int, float, int]] = collections.deque(maxlen=32)
+
+    def observe(self, seconds: float) -> None:
+        """Record one decode step's time; may change the thread count for the next step."""
+        with self._lock:
+            self._steps += 1
+            self._recent.append(seconds)
+            med = statistics.median(self._recent)
+            slow = len(self._recent) == self.WINDOW and med > self.SLOWDOWN * self._best
+            if len(self._recent) == self.WINDOW:
+                self._best = min(self._best, med)
+            since = self._steps - self._checked
+            if since >= self.CHECK_STEPS or (slow and since >= self.WINDOW):
+                self._check()
+
+    def _check(self) -> None:
+        now = _counters()
+        others = _others_busy(self._last, now)
+        if others is None:  # too short a window: keep counting from the last reading
+            return
+        self._last, self._checked = now, self._steps
+        usable = len(now[0])
+        target = _share(usable - others, usable, self.limit)
+        agreed = target == self._pending
+        self._pending = target
+        if target != self.current and agreed:
+            logger.debug("thread tuner: others use %.1f of %d CPUs: %d -> %d threads",
+                         others, usable, self.current, target)
+            self._apply(target)
+            self.current = target
+            self._recent.clear()
+            self._best = math.inf  # step times at the new count start a new baseline
+        self.history.append((self._steps, round(others, 2), self.current))
+
+
+def _counters() -> tuple[list[float], float, float]:
+    """(busy seconds of each usable CPU, this process's CPU seconds, wall clock)."""
+    import time
+
+    import psutil
+
+    cpus = _usable_cpus()
+    try:
+        per = psutil.cpu_times(percpu=True)
+        busy = [per[c].user + per[c].system + per[c].nice + getattr(per[c], "irq", 0.0)
+                + getattr(per[c], "softirq", 0.0) for c in cpus if c < len(per)]
+        own = psutil.Process().cpu_times()
+    except (OSError, RuntimeError, psutil.Error):
+        return [], 0.0, time.perf_counter()
+    return busy, own.user + own.system, time.perf_counter()
+
+
+def _others_busy(before: tuple[list[float], float, float],
+                 after: tuple[list[float], float, float]) -> float | None:
+    """Cores other processes kept busy between two :func:`_counters` readings (None: unknown)."""
+    wall = after[2] - before[2]
+    if wall < 0.05 or not before[0] or len(before[0]) != len(after[0]):
+        return None  # /proc/stat ticks are 10 ms: a shorter window says nothing
+    all_busy = sum(after[0]) - sum(before[0])
+    return max(0.0, (all_busy - (after[1] - before[1])) / wall)
+
+
+def _share(idle: float, usable: int, limit: int) -> int:
+    """Threads for ``idle`` free CPUs of ``usable``: a core counts when more than half idle."""
+    cores = _physical_share(usable)
+    return max(1, min(limit, cores, math.floor(idle * cores / usable + 0.5)))
