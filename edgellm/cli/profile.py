@@ -38,6 +38,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--report", metavar="DIR",
                    help="write profile.json, profile.md and memory.png into DIR")
+    p.add_argument("--emulate", metavar="PROFILE",
+                   help="run in a child pinned to the device profile's cores, stopped past its memory "
+                        "budget (exit code 1 then); adds an upper-bound decode speed from its memory "
+                        "bandwidth")
     return p
 
 
@@ -46,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from edgellm.profiling.profile import profile
     from edgellm.profiling.report import write_report
 
+    if args.emulate:
+        return _emulate(args)
     report = profile(args.model, args.prompt_tokens, args.gen_tokens, kv_budget=args.kv_budget,
                      device=args.device, backend=args.backend, threads=args.threads)
     if args.json:
@@ -58,3 +64,21 @@ def run(args: argparse.Namespace) -> int:
         if files.note:
             print(files.note, file=sys.stderr)
     return 0
+
+
+def _emulate(args: argparse.Namespace) -> int:
+    """``--emulate``: the verdict and estimate; with --report, the child's profile folder."""
+    from edgellm.profiling.emulate import emulate
+    from edgellm.profiling.profile import ProfileReport
+    from edgellm.profiling.report import write_report
+
+    result = emulate(args.model, args.emulate, args.prompt_tokens, args.gen_tokens,
+                     kv_budget=args.kv_budget, backend=args.backend)
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        sys.stdout.write(result.to_markdown())
+    if args.report and result.profile is not None:
+        files = write_report(ProfileReport.from_dict(result.profile), args.report)
+        print(f"wrote {', '.join(str(p) for p in files.paths.values())}", file=sys.stderr)
+    return 0 if result.oom is None else 1

@@ -90,6 +90,16 @@ class ProfileReport:
         data["kv_timeline"] = [list(p) for p in self.kv_timeline]
         return data
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProfileReport:
+        """The report :meth:`to_dict` gave (the emulator reads its child's this way)."""
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["phases"] = tuple(Phase(**p) for p in data["phases"])
+        known["evictions"] = tuple(data["evictions"])
+        for key in ("timeline", "kv_timeline"):
+            known[key] = tuple((float(t), int(v)) for t, v in data[key])
+        return cls(**known)
+
     def to_markdown(self) -> str:
         """The human report (same numbers as :meth:`to_dict`)."""
         from edgellm.profiling.report import profile_markdown

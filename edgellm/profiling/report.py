@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING
 from edgellm.errors import InvalidInputError
 
 if TYPE_CHECKING:
+    from edgellm.profiling.emulate import EmulationReport
     from edgellm.profiling.profile import ProfileReport
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PLOT_HINT", "ReportFiles", "plot_memory", "profile_markdown", "write_report"]
+__all__ = ["PLOT_HINT", "ReportFiles", "emulation_markdown", "plot_memory", "profile_markdown",
+           "write_report"]
 
 MiB = 2**20
 
@@ -158,3 +160,28 @@ def _write(path: Path, write: Callable[[Path], object]) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def emulation_markdown(report: EmulationReport) -> str:
+    """The Markdown of an emulation: the verdict, the device, the estimate, then the profile."""
+    d = report.to_dict()
+    bw = d["bandwidth_bytes_per_s"]
+    bound = d["decode_upper_bound_tps"]
+    lines = [
+        f"## edgellm profile --emulate {d['device']}", "", f"**{d['message']}**", "",
+        "| | |", "|---|---|",
+        f"| device | {d['description']} |",
+        f"| cores (device / pinned here) | {d['device_cores']} / {len(d['pinned_cpus'])} |",
+        f"| memory budget | {_mib(d['budget_bytes'])} |",
+        f"| peak RSS seen | {_mib(d['peak_rss_bytes'])} |",
+        f"| memory bandwidth | {'n/a' if bw is None else f'{bw / 1e9:.1f} GB/s'} |",
+        f"| decode on the device (upper bound) | {'n/a' if bound is None else f'{bound:.0f} tok/s'} |",
+        "", f"Decode estimate: {d['estimate_note']}. Speeds measured here are this host's, on "
+            f"{len(d['pinned_cpus'])} of its CPUs, not the device's.", "",
+    ]
+    text = "\n".join(lines) + "\n"
+    if report.profile is not None:
+        from edgellm.profiling.profile import ProfileReport
+
+        text += "\n" + profile_markdown(ProfileReport.from_dict(report.profile))
+    return text

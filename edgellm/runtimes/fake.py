@@ -116,6 +116,7 @@ class FakeEngine:
         add_bos: bool = True,
         kv_precision: str = "f32",
         abilities: frozenset[KVAbility] = frozenset(KVAbility),
+        resident_bytes_per_token: int = 0,
     ) -> None:
         self.tokenizer: Tokenizer = FakeTokenizer(chat_template=chat_template, add_bos=add_bos)
         self.script = DEFAULT_SCRIPT if script is None else script
@@ -129,6 +130,9 @@ class FakeEngine:
         )
         self.kv_precision = kv_precision
         self.abilities = frozenset(abilities)
+        # Real memory held per token evaluated since the last reset (trim keeps it), so memory
+        # watchers see a KV cache grow (0: none).
+        self.resident_bytes_per_token = int(resident_bytes_per_token)
         # Special token texts in the script (e.g. "<|im_end|>") become their ids.
         self.reply = [
             *self.tokenizer.encode(self.script, add_special=False), self.tokenizer.specials["</s>"]
@@ -193,6 +197,7 @@ class FakeSession:
         self.engine = engine
         self.n_ctx = n_ctx
         self._state: list[int] = []
+        self._resident: list[np.ndarray] = []
         self._closed = False
         bpt = engine.kv_bytes_per_token()
         self.cache = KVCache(n_ctx, bpt, engine.kv_precision, engine.abilities,
@@ -226,6 +231,8 @@ class FakeSession:
             raise BackendError(f"token id {bad[0]} outside the vocabulary [0, {eng.n_vocab})")
         start = len(self._state)
         self._state.extend(tokens)
+        if eng.resident_bytes_per_token:  # touched pages: resident, as a real cache's are
+            self._resident.append(np.ones(len(tokens) * eng.resident_bytes_per_token, dtype=np.uint8))
         eng.forward_calls += 1
         eng.evaluated_tokens += len(tokens)
         eng.last_forward = tokens
@@ -262,6 +269,7 @@ class FakeSession:
     def reset(self) -> None:
         """Empty the state."""
         self._state.clear()
+        self._resident.clear()
 
     def close(self) -> None:
         """Later forwards raise BackendError."""
@@ -269,7 +277,8 @@ class FakeSession:
 
 
 def open(path: str | Path, options: RuntimeOptions) -> FakeEngine:
-    """Registry entry point: ``path`` may be a JSON file ``{"script": ..., "n_ctx": ...}``.
+    """Registry entry point: ``path`` may be a JSON file ``{"script": ..., "n_ctx": ...}``
+    (also ``"resident_bytes_per_token"``: real memory held per cached token).
 
     Any other path is ignored. ``options.extra`` may also carry ``script``; ``options.n_ctx``
     wins over the file's ``n_ctx``.
@@ -285,4 +294,5 @@ def open(path: str | Path, options: RuntimeOptions) -> FakeEngine:
         n_vocab=config.get("n_vocab"),
         chat_template=config.get("chat_template"),
         kv_precision=options.kv_precision or "f32",
+        resident_bytes_per_token=int(config.get("resident_bytes_per_token", 0)),
     )
