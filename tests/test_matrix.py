@@ -27,6 +27,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     folder = tmp_path_factory.mktemp("matrix-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDGELLM_CACHE", str(folder))
+        mp.setenv(measured.MEASURED_ENV, str(folder / "measured"))
         yield folder
 
 
@@ -80,8 +81,8 @@ def test_another_host_ignores_the_measurements(matrix: MatrixReport, tiny_model:
 
 def test_damaged_store_is_ignored(tmp_path: Path, tiny_model: Callable[..., Path],
                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("EDGELLM_CACHE", str(tmp_path))
-    measured.store_path().parent.mkdir(parents=True)
+    monkeypatch.setenv(measured.MEASURED_ENV, str(tmp_path))
+    measured.store_path().parent.mkdir(parents=True, exist_ok=True)
     measured.store_path().write_text("{not json")
     choice = plan(tiny_model("llama"), host_profile()).choice
     assert choice is not None and "measured" not in choice.reason

@@ -2,8 +2,9 @@
 
 The planner predicts memory; it cannot predict speed. When a benchmark matrix has measured a
 source model's formats, quantizations and backends on this machine, the rows are kept in
-``$EDGELLM_CACHE/measured/<host>.json`` (``<host>``: a hash of the host name, CPU model,
-core count and RAM, so a copied cache folder never speaks for another machine). A plan for
+``$EDGELLM_CACHE/measured/<host>.json`` (or ``$EDGELLM_MEASURED_DIR``; ``<host>``: a hash of
+the host name, CPU model, core count and RAM, so a copied cache folder never speaks for
+another machine). A plan for
 this host (:data:`~edgellm.devices.detect.HOST_NAME`) then chooses, among the candidates that
 fit, the one measured fastest, and its reason says so with the number and the date.
 """
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["host_key", "lookup", "prefer_measured", "record", "source_id", "store_path"]
+__all__ = ["MEASURED_ENV", "host_key", "lookup", "prefer_measured", "record", "source_id", "store_path"]
 
 
 def cache_root() -> Path:
@@ -43,9 +44,16 @@ def host_key() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+#: Environment variable: another folder for the measured rows (tests point it at a temporary
+#: folder, so a developer's own measurements never change what a test's plan chooses).
+MEASURED_ENV = "EDGELLM_MEASURED_DIR"
+
+
 def store_path() -> Path:
-    """This host's file of measured rows."""
-    return cache_root() / "measured" / f"{host_key()}.json"
+    """This host's file of measured rows: ``$EDGELLM_MEASURED_DIR``, else ``$EDGELLM_CACHE/measured``."""
+    folder = os.environ.get(MEASURED_ENV)
+    root = Path(folder).expanduser() if folder else cache_root() / "measured"
+    return root / f"{host_key()}.json"
 
 
 def _key(source: str, fmt: str, quant: str | None, backend: str, device: str) -> str:
