@@ -2,12 +2,13 @@
 
 :func:`profile` loads a model, feeds it a prompt of exactly ``prompt_tokens`` tokens and
 decodes ``gen_tokens`` greedily (past EOS, so the work is fixed), while a
-:class:`~edgellm.profiling.memory.MemorySampler` thread reads the process's RSS and the
-session's KV token count every ``interval_ms``. The phases (load, prefill, decode) are marked
-on the same clock from the generation's own timings; a drop of the KV token count seen by the
-sampler is a KV eviction. The memory breakdown at the end comes from the runtime's own
-accounting (:meth:`edgellm.model.Model.memory`) and is set beside the planner's prediction
-for the same artifact, backend, context and KV budget, with the error in percent.
+:class:`~edgellm.profiling.memory.ProcessSampler` reads the process's RSS every ``interval_ms``
+from a watcher process (and a thread, which also reads the session's KV token count). The
+phases (load, prefill, decode) are marked on the same clock from the generation's timings; a
+drop of the KV token count seen by the sampler is a KV eviction. The memory breakdown at the
+end comes from the runtime's own accounting (:meth:`edgellm.model.Model.memory`) and is set
+beside the planner's prediction for the same artifact, backend, context and KV budget, with
+the error in percent.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from edgellm.errors import EdgeLLMError, InvalidInputError
 from edgellm.profiling.bench import DEFAULT_PROMPT
 from edgellm.profiling.machine import machine_info
-from edgellm.profiling.memory import MemorySampler
+from edgellm.profiling.memory import MemorySampler, ProcessSampler
 
 if TYPE_CHECKING:
     from edgellm.model import Model
@@ -148,7 +149,7 @@ def profile(
 
     _check(prompt_tokens, gen_tokens, interval_ms)
     n_ctx = None if kv_budget is not None else prompt_tokens + gen_tokens
-    with MemorySampler(interval_ms=interval_ms) as mem:
+    with ProcessSampler(interval_ms=interval_ms) as mem:
         model = load(model_path, backend=backend, device=device, threads=threads, n_ctx=n_ctx,
                      kv_budget=kv_budget, kv_overflow="error" if kv_budget is None else "sliding")
         load_end = mem.now_ms()
