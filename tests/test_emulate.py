@@ -145,3 +145,8 @@ def test_bad_bandwidth_names_the_field(user_devices_dir: Path) -> None:
         '"10 GB/s"', '"fast"'))
     with pytest.raises(DeviceProfileError, match=r'bandwidth = "fast".*17\.1 GB/s'):
         load_profile("tiny-board")
+
+
+def test_devices_show_prints_the_bandwidth(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["devices", "show", "raspberry-pi-5-4gb"]) == 0
+    assert "memory bandwidth: 17.1 GB/s (datasheet peak)" in capsys.readouterr().out
