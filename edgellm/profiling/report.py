@@ -75,7 +75,10 @@ def profile_markdown(report: ProfileReport) -> str:
           for row, v in d["breakdown"].items()),
         "",
         "weights, KV and scratch are the runtime's own accounting; other = peak RSS minus them "
-        "(Python, runtime libraries, tokenizer); total = peak RSS against the predicted peak.",
+        "(Python, runtime libraries, tokenizer); total = peak RSS against the predicted peak. "
+        "The rows are not always the same thing on both sides: the runtime's weights are its files "
+        "(the planner's add the working copies a runtime makes, e.g. OpenVINO's float32 lm_head), and "
+        "llama.cpp's scratch is the compute buffer it allocated (the planner predicts the pages touched).",
     ]
     for e in d["evictions"]:
         lines.append(f"- eviction at {e['t_ms']:.1f} ms: KV {e['tokens_before']} -> "
