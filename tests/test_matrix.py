@@ -66,7 +66,7 @@ def test_plans_here_follow_the_measured_speed(matrix: MatrixReport, tiny_model: 
     choice = plan(tiny_model("llama"), host_profile()).choice
     assert choice is not None and (choice.format, choice.backend) == (fastest["format"], fastest["backend"])
     assert choice.quantization.lower() == fastest["quantization"].lower()
-    assert f"measured here {fastest['decode_tps']:.1f} tok/s" in choice.reason
+    assert f"fastest measured on this host: {fastest['decode_tps']:.1f} tok/s decode" in choice.reason
     # an artifact of the matrix: its plan cites its own measurement
     art = plan(good[("gguf", "llamacpp")]["artifact"], host_profile(["gguf"])).choice
     assert art is not None and "fastest measured on this host" in art.reason

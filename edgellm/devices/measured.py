@@ -110,6 +110,11 @@ def source_id(info: ModelInfo) -> str | None:
     return None
 
 
+def _note(m: Mapping[str, Any]) -> str:
+    return (f"{m['decode_tps']:.1f} tok/s decode, TTFT {m['ttft_ms']:.0f} ms (edgellm bench --matrix, "
+            f"{m.get('measured_at', '?')}, KV {m.get('kv_precision') or 'default'})")
+
+
 def prefer_measured(info: ModelInfo, rows: list[Candidate]) -> list[Candidate]:
     """Choose the fitting candidate measured fastest here; reasons cite the measurements.
 
@@ -128,13 +133,12 @@ def prefer_measured(info: ModelInfo, rows: list[Candidate]) -> list[Candidate]:
     out = []
     for i, c in enumerate(rows):
         m = measured.get(i)
-        note = (f"measured here {m['decode_tps']:.1f} tok/s decode, TTFT {m['ttft_ms']:.0f} ms "
-                f"(edgellm bench --matrix, {m.get('measured_at', '?')})") if m else None
+        note = _note(m) if m else None
         if i == best:
             base = c.reason if c.status == "chosen" else "fits"  # not "fits, but ... comes first"
             c = replace(c, status="chosen", reason=f"{base}; fastest measured on this host: {note}")
         elif c.fits:
-            why = note or "not measured here"
+            why = f"this one measured {note}" if note else "this one not measured here"
             c = replace(c, status="fits", reason=f"fits, but {rows[best].label} is faster here ({why})")
         out.append(c)
     logger.info("plan: %s chosen by measured speed (%.1f tok/s)", rows[best].label,

@@ -44,7 +44,8 @@ r = bench(a["path"], prompt=a["prompt"], max_tokens=a["max_tokens"], repeats=a["
           backend=a["backend"], n_ctx=a["n_ctx"])
 print(json.dumps({"decode_tps": r.decode_tps, "ttft_ms": r.ttft_ms, "prefill_tps": r.prefill_tps,
                   "peak_rss_bytes": r.peak_rss_bytes, "load_ms": r.load_ms,
-                  "threads": r.backend.get("threads"), "device": r.backend.get("device", "cpu")}))
+                  "threads": r.backend.get("threads"), "device": r.backend.get("device", "cpu"),
+                  "kv_precision": r.backend.get("kv_precision")}))
 """
 
 
