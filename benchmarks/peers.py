@@ -129,12 +129,22 @@ def _runners(models: dict[str, Path], tokens: int, ov_cache: str) -> dict[str, R
         "transformers eager fp32": ("hf", lambda: run_in_child(
             "peers", "bench_transformers", models["hf"], tokens)),
     }
-    if _genai_available(ir_manifest) is None:
+    LEFT_OUT.clear()
+    ov_genai, ort_genai = _genai_available(ir_manifest), bench_onnx._genai_note()
+    if ov_genai is None:
         runners["openvino-genai int4"] = ("ir", lambda: run_in_child(
             "bench_openvino", "bench_genai", models["ir"], tokens, ov_cache))
-    if bench_onnx._genai_note() is None:
+    else:
+        LEFT_OUT["openvino-genai"] = ov_genai
+    if ort_genai is None:
         runners["onnxruntime-genai int4"] = ("genai", lambda: bench_onnx._genai(models["genai"], tokens))
+    else:
+        LEFT_OUT["onnxruntime-genai"] = ort_genai
     return runners
+
+
+#: Peers the last _runners() call left out, and why (the report says so).
+LEFT_OUT: dict[str, str] = {}
 
 
 def _kv_bytes(key: str, tokens: int) -> int:
@@ -189,7 +199,8 @@ def report(result: dict[str, Any], repeats: int, tokens: int, load: tuple[float,
     for label, r in sorted(result["rows"].items(), key=lambda kv: -kv[1]["decode_tps"]):
         lines.append(f"| {label} | {r['decode_tps']:.1f} | {r['ttft_ms']:.0f} | "
                      f"{r['bytes_per_token'] / 2**20:.1f} | {r['roofline_tps']:.0f} | {r['share']:.2f} |")
-    return "\n".join(lines) + "\n"
+    lines += ["", *(f"Left out: {name}: {why}." for name, why in LEFT_OUT.items())]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def main() -> None:
