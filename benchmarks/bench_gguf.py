@@ -136,17 +136,10 @@ def write_markdown(decode: dict, convert: list, machine: dict, args: argparse.Na
 
 
 def update_benchmarks_md(section: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    head = "# Benchmarks\n\nMeasured by the scripts in `benchmarks/`; rerun them to refresh.\n\n"
-    text = path.read_text() if path.exists() else head
-    marker = section.splitlines()[0]
-    if marker in text:
-        start = text.index(marker)
-        nxt = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[nxt + 1:] if nxt != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    """Write ``section`` (its first line is its heading) into BENCHMARKS.md."""
+    from benchmarks.common import write_section
+
+    write_section(section.splitlines()[0], section)
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import run_in_child  # noqa: E402
+from benchmarks.common import run_in_child, write_section  # noqa: E402
 
 TEXT = ROOT / "tests" / "data" / "long_text.txt"
 WINDOW = 256
@@ -372,19 +372,6 @@ def report(rows: dict[str, dict[str, Any]], tokens: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(section: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    head = "## KV cache and sessions"
-    if head in text:
-        start = text.index(head)
-        nxt = text.find("\n## ", start + len(head))
-        text = text[:start] + section + (text[nxt + 1 :] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
-
-
 def _rows_file() -> Path:
     return Path(os.environ.get("EDGELLM_CACHE", "~/.cache/edgellm")).expanduser() / "bench" / "kv-rows.json"
 
@@ -414,7 +401,7 @@ def main() -> None:
     order = [b for b in ("llamacpp", "openvino", "onnxruntime") if b in kept]
     section = report({b: kept[b] for b in order}, args.tokens)
     print(section)
-    write_section(section)
+    write_section("## KV cache and sessions", section)
 
 
 if __name__ == "__main__":

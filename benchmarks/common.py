@@ -44,3 +44,16 @@ def time_hf_generate(model: Any, ids: Any, tokens: int) -> tuple[float, float]:
     model.generate(ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
     total = time.perf_counter() - t2
     return ttft * 1e3, (tokens - 1) / (total - ttft)
+
+
+def write_section(head: str, section: str) -> None:
+    """Replace the ``head`` section of BENCHMARKS.md with ``section`` (append it when absent)."""
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    if head in text:
+        start = text.index(head)
+        nxt = text.find("\n## ", start + len(head))
+        text = text[:start] + section + (text[nxt + 1 :] if nxt >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text, encoding="utf-8")

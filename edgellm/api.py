@@ -70,14 +70,18 @@ def load(
     an explicit device, the first installed backend that reads the artifact's format).
     ``threads="auto"`` (the default) takes the physical cores that are idle at load, so a
     model embedded beside other busy work does not collapse (``$EDGELLM_THREADS`` overrides
-    it; see :mod:`edgellm.runtimes.threads`); ``threads=N`` is exact. ``seed`` makes sampling
-    reproducible.
+    it; see :mod:`edgellm.runtimes.threads`); ``threads=N`` is exact and may not exceed the
+    logical cores. ``seed`` (None, or an int >= 0) makes sampling reproducible. ``n_ctx`` may not
+    exceed the model's trained positions, nor a session's KV cache the memory available here,
+    on every device.
     """
     from edgellm.kvcache import OverflowPolicy, parse_bytes
     from edgellm.model import Model
+    from edgellm.runtimes.sampling import check_seed
 
     _check_positive("n_ctx", n_ctx)
     threads = parse_threads(threads)
+    check_seed(seed)
     budget = None if kv_budget is None else parse_bytes(kv_budget)
     OverflowPolicy.parse(kv_overflow, kv_sinks)  # checked before anything is loaded
     artifact = find_artifact(path)

@@ -18,7 +18,8 @@ caller passed also derive from :class:`ValueError`, a missing optional dependenc
     │   ├── OutputExistsError                     output exists and --force was not given
     │   ├── ContextOverflowError                  prompt + generation exceed the context
     │   ├── KVBudgetError                         a session's KV cache does not fit the budget
-    │   └── SessionStateError                     a saved session is damaged or for another model
+    │   ├── SessionStateError                     a saved session is damaged or for another model
+    │   └── ModelClosedError                      a call on a model or session after close()
     ├── MissingDependencyError (ImportError)      an optional extra is not installed
     ├── NoCompatibleRuntimeError                  no backend can run this artifact here
     ├── ConversionError                           a converter step failed
@@ -46,6 +47,7 @@ __all__ = [
     "ContextOverflowError",
     "KVBudgetError",
     "SessionStateError",
+    "ModelClosedError",
     "MissingDependencyError",
     "NoCompatibleRuntimeError",
     "ConversionError",
@@ -117,6 +119,10 @@ class KVBudgetError(InvalidInputError):
 
 class SessionStateError(InvalidInputError):
     """A saved session file is damaged, truncated, or was saved from another model or backend."""
+
+
+class ModelClosedError(InvalidInputError):
+    """A model or session was used after ``close()`` (or closed while a stream was running)."""
 
 
 class MissingDependencyError(EdgeLLMError, ImportError):

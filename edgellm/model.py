@@ -11,21 +11,22 @@ llama.cpp, OpenVINO, ONNX Runtime and the fake backend.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgellm.errors import InvalidInputError, SessionStateError
+from edgellm.errors import InvalidInputError, KVBudgetError, ModelClosedError, SessionStateError
 from edgellm.kvcache import KVBudget, OverflowPolicy, format_bytes, parse_bytes
 from edgellm.kvcache.policy import DEFAULT_SINKS
-from edgellm.runtimes.loop import Result
+from edgellm.runtimes.loop import Result, check_ids
+from edgellm.runtimes.sampling import check_seed
 from edgellm.session import Conversation, Session
-from edgellm.text.chat import DEFAULT_CHATML, render_chat
+from edgellm.text.chat import DEFAULT_CHATML, check_text, render_chat
 
 if TYPE_CHECKING:
-    import os
     from collections.abc import Sequence
     from types import TracebackType
 
@@ -58,6 +59,7 @@ class Model(Conversation):
                  *, n_ctx: int | None = None, kv_budget: int | str | None = None,
                  kv_overflow: str = "error", kv_sinks: int = DEFAULT_SINKS) -> None:
         self.engine = engine
+        check_seed(seed)
         # Calls without their own seed draw one from this stream: load(seed=N) makes a
         # model's samples reproducible, as llama.cpp's context seed does.
         self._seeds = np.random.default_rng(seed)
@@ -98,7 +100,7 @@ class Model(Conversation):
                                       self.policy.sinks if kv_sinks is None else kv_sinks)
         size = n_ctx or self.n_ctx
         policy.check_capacity(size)
-        bpt = self.engine.kv_bytes_per_token()
+        bpt = self._check_ctx(size)
         with self._lock:
             key = object()  # this session's entry in the budget
             self.budget.reserve(key, size * bpt, f"a session of {size} tokens")
@@ -126,6 +128,9 @@ class Model(Conversation):
         """
         from edgellm.kvcache.statefile import check_header, read_state
 
+        self._check_open()
+        if not isinstance(path, (str, os.PathLike)):
+            raise InvalidInputError(f"restore() takes a file path, not {type(path).__name__}")
         p = Path(path)
         header, payload = read_state(p)
         check_header(p, header, self._identity())
@@ -166,6 +171,7 @@ class Model(Conversation):
         """
         from edgellm.profiling.memory import current_rss_bytes
 
+        self._check_open()
         parts: dict[str, Any] = dict(self.engine.memory())
         with self._lock:
             caches = [s.cache for s in self._sessions]
@@ -185,30 +191,38 @@ class Model(Conversation):
         tools: Sequence[dict[str, Any]] | None = None,
     ) -> str:
         """The prompt text :meth:`chat` would send, for inspection and debugging."""
+        self._check_open()
         tok = self.tokenizer
         return render_chat(
-            tok.chat_template or DEFAULT_CHATML, list(messages), bos_token=tok.bos_token,
+            tok.chat_template or DEFAULT_CHATML, messages, bos_token=tok.bos_token,
             eos_token=tok.eos_token, add_generation_prompt=add_generation_prompt, tools=tools,
         )
 
     # -- tokens -------------------------------------------------------------------------
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        """Token ids of ``text``; BOS first when ``add_special`` and the model uses one."""
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of ``text``; BOS first when ``add_special`` and the model uses one.
+
+        ``parse_special`` turns text such as ``"<|im_end|>"`` into that special token (as
+        ``generate`` does by default); False keeps it text.
+        """
         self._check_open()  # a closed llama.cpp model has freed its vocabulary
         if not isinstance(text, str):
             raise InvalidInputError(f"tokenize() takes a str, not {type(text).__name__}")
-        return self.tokenizer.encode(text, add_special=add_special)
+        return self.tokenizer.encode(check_text(text, "the text"), add_special=bool(add_special),
+                                     parse_special=bool(parse_special))
 
     def detokenize(self, ids: Sequence[int], skip_special: bool = False) -> str:
-        """Text of token ``ids``."""
+        """Text of token ``ids`` (each in ``[0, tokenizer.vocab_size)``)."""
         self._check_open()
-        return self.tokenizer.decode(list(ids), skip_special=skip_special)
+        return self.tokenizer.decode(check_ids(ids, self.tokenizer.vocab_size, "detokenize()"),
+                                     skip_special=skip_special)
 
     # -- lifecycle ----------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
         """Engine facts (backend, device, ...), the session size and policy, manifest basics."""
+        self._check_open()
         info = dict(self.engine.info())
         info.setdefault("backend", self.engine.backend)
         info["n_ctx"] = self.n_ctx
@@ -266,6 +280,23 @@ class Model(Conversation):
                 self._default = self.session()
             return self._default
 
+    def _spare_for(self, session: Session) -> Session | None:
+        """A session for a generation that finds ``session`` busy: only for the default one.
+
+        None (share it, re-reading tokens on each turn) when it is a session the caller
+        opened, or when ``kv_budget`` has no room for another (logged).
+        """
+        if session is not self._default:
+            return None
+        try:
+            return self.session(session.n_ctx)
+        except KVBudgetError as exc:
+            logger.warning("a generation overlaps another on the default session and kv_budget has no "
+                           "room for a session of its own (%s); they take turns in one cache, so greedy "
+                           "tokens may differ slightly from serial runs: raise kv_budget or open "
+                           "sessions with model.session()", exc)
+            return None
+
     def _forget(self, session: Session) -> None:
         with self._lock:
             self.budget.release(session.budget_key)
@@ -279,6 +310,7 @@ class Model(Conversation):
         eng, total = self.engine, self.budget.total_bytes
         bpt = eng.kv_bytes_per_token()
         if n_ctx is not None:
+            self._check_ctx(n_ctx)
             if total is not None and n_ctx * bpt > total:
                 raise InvalidInputError(
                     f"n_ctx {n_ctx} needs {format_bytes(n_ctx * bpt)} of KV cache at {eng.kv_precision} "
@@ -296,6 +328,35 @@ class Model(Conversation):
             )
         return min(tokens, eng.max_ctx)
 
+    def _check_ctx(self, size: int) -> int:
+        """Refuse a session of ``size`` tokens beyond the model's positions or this host's memory.
+
+        Every device path comes here before a cache is allocated (an explicit ``device="cpu"``
+        is not planned, and ``n_ctx=10**6`` allocated until the out-of-memory killer acted).
+        The memory plan is the planner's host budget: available memory minus a margin
+        (:func:`edgellm.devices.detect.host_budget`). Returns the KV bytes per token.
+        """
+        import psutil
+
+        from edgellm.devices.detect import host_budget
+
+        eng = self.engine
+        if size > eng.max_ctx:
+            raise InvalidInputError(
+                f"n_ctx {size} is beyond the {eng.max_ctx} positions this model was trained for "
+                f"({eng.backend}); use n_ctx <= {eng.max_ctx}"
+            )
+        bpt = eng.kv_bytes_per_token()
+        mem = psutil.virtual_memory()
+        room = host_budget(int(mem.total), int(mem.available))
+        if size * bpt > room:
+            raise KVBudgetError(
+                f"a session of {size} tokens needs {format_bytes(size * bpt)} of KV cache at "
+                f"{eng.kv_precision} ({bpt} B/token) but this host has {format_bytes(room)} free for it "
+                f"(available memory minus a margin); use n_ctx <= {max(2, room // bpt)} or set kv_budget"
+            )
+        return bpt
+
     def _capacity_note(self, size: int, bpt: int) -> str:
         total = self.budget.total_bytes
         budget = f", kv_budget {format_bytes(total)}" if total is not None else ""
@@ -306,7 +367,7 @@ class Model(Conversation):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise InvalidInputError("this model is closed; load it again with edgellm.load()")
+            raise ModelClosedError("this model is closed; load it again with edgellm.load()")
 
     def _end_of_turn_ids(self, template: str) -> frozenset[int]:
         cached = self._end_of_turn.get(template)

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
-from edgellm.errors import ContextOverflowError, InvalidInputError
+from edgellm.errors import ContextOverflowError, InvalidInputError, ModelClosedError
 from edgellm.kvcache import KVAbility, Overflow, OverflowPolicy
-from edgellm.runtimes.loop import Decoder, Generation, Result
+from edgellm.runtimes.loop import Decoder, Generation, Result, check_ids
 from edgellm.runtimes.sampling import SamplingParams
-from edgellm.text.chat import DEFAULT_CHATML, render_chat, validate_messages
+from edgellm.text.chat import DEFAULT_CHATML, check_text, encode_chat, validate_messages
 
 if TYPE_CHECKING:
     import os
@@ -54,6 +55,8 @@ class Conversation:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         ignore_eos: bool = False,
+        *,
+        parse_special: bool = True,
     ) -> Result:
         """Complete ``prompt`` (text, or token ids used as they are) and return the Result.
 
@@ -61,11 +64,16 @@ class Conversation:
         (clamped to the room left in the KV cache unless ``kv_overflow="sliding"``) or before
         the first stop string, which is not included in the text. ``ignore_eos`` keeps
         decoding past end-of-sequence tokens (benchmarks that need a fixed number of tokens).
+
+        ``parse_special`` (default True, as ``llama-cli`` tokenizes a raw prompt) turns text
+        such as ``"<|im_end|>"`` in a str prompt into that special token; pass False when the
+        prompt holds text from someone else (a server's user), so it stays text. :meth:`chat`
+        always keeps message contents as text.
         """
         conv = self._conversation()
         conv._check_open()
         t0 = time.perf_counter()
-        ids = conv._prompt_ids(prompt)
+        ids = conv._prompt_ids(prompt, parse_special)
         params = conv._params(temperature, top_k, top_p, min_p, repeat_penalty, seed)
         eos = frozenset() if ignore_eos else None
         return conv._finish(conv._start(ids, params, max_tokens, stop, t0, eos_ids=eos))
@@ -82,6 +90,8 @@ class Conversation:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         ignore_eos: bool = False,
+        *,
+        parse_special: bool = True,
     ) -> Iterator[str]:
         """Like :meth:`generate`, yielding text pieces as they are decoded.
 
@@ -91,7 +101,7 @@ class Conversation:
         conv = self._conversation()
         conv._check_open()
         t0 = time.perf_counter()
-        ids = conv._prompt_ids(prompt)
+        ids = conv._prompt_ids(prompt, parse_special)
         params = conv._params(temperature, top_k, top_p, min_p, repeat_penalty, seed)
         eos = frozenset() if ignore_eos else None
         return conv._follow(conv._start(ids, params, max_tokens, stop, t0, eos_ids=eos))
@@ -141,6 +151,16 @@ class Conversation:
         gen = conv._start(ids, params, max_tokens, stop, t0, eos_ids=eos)
         return conv._follow(gen) if stream else conv._finish(gen)
 
+    def chat_tokens(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None,
+                    max_tokens: int = 256) -> list[int]:
+        """The token ids :meth:`chat` would evaluate for ``messages`` (after ``truncate``, if set).
+
+        A server uses it to find the session that already holds a conversation's start.
+        """
+        conv = self._conversation()
+        conv._check_open()
+        return conv._chat_ids(messages, tools, max_tokens)[0]
+
 
 class Session(Conversation):
     """One conversation on a loaded model: its own KV cache and token history.
@@ -161,6 +181,8 @@ class Session(Conversation):
                                 tuner=getattr(model.engine, "tuner", None))
         self.last_result: Result | None = None
         self._closed = False
+        self._live: weakref.WeakSet[Generation] = weakref.WeakSet()  # generations started here
+        self._spares: weakref.WeakKeyDictionary[Generation, Session] = weakref.WeakKeyDictionary()
 
     def _conversation(self) -> Session:
         return self
@@ -246,7 +268,7 @@ class Session(Conversation):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise InvalidInputError("this session is closed; open another with model.session()")
+            raise ModelClosedError("this session is closed; open another with model.session()")
         self._model._check_open()
 
     def _params(self, temperature: float, top_k: int, top_p: float, min_p: float,
@@ -254,16 +276,15 @@ class Session(Conversation):
         return SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty,
                               seed=self._model._seed(seed))
 
-    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+    def _prompt_ids(self, prompt: str | Sequence[int], parse_special: bool = True) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special=True)
-        if isinstance(prompt, (bytes, bytearray)) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
-        ):
+            return self.tokenizer.encode(check_text(prompt, "the prompt"), add_special=True,
+                                         parse_special=bool(parse_special))
+        if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, (Sequence, np.ndarray)):
             raise InvalidInputError(
                 f"prompt must be a str or a sequence of int token ids, not {type(prompt).__name__}"
             )
-        return list(prompt)
+        return check_ids(prompt, self._model.engine.n_vocab, "prompt")
 
     def _chat_ids(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None,
                   max_tokens: int) -> tuple[list[int], str]:
@@ -276,13 +297,7 @@ class Session(Conversation):
 
     def _encode_chat(self, messages: list[dict[str, Any]], template: str,
                      tools: Sequence[dict[str, Any]] | None) -> list[int]:
-        tok = self.tokenizer
-        text = render_chat(template, messages, bos_token=tok.bos_token, eos_token=tok.eos_token,
-                           add_generation_prompt=True, tools=tools)
-        # Templates such as Llama's write BOS themselves; adding another would double it.
-        bos = tok.bos_token
-        has_bos = bos is not None and bos != "" and text.startswith(bos)
-        return tok.encode(text, add_special=not has_bos)
+        return encode_chat(self.tokenizer, template, messages, tools=tools)
 
     def _truncate_turns(self, msgs: list[dict[str, Any]], ids: list[int], template: str,
                         tools: Sequence[dict[str, Any]] | None, max_tokens: int
@@ -305,12 +320,33 @@ class Session(Conversation):
     def _start(self, ids: list[int], params: SamplingParams, max_tokens: int,
                stop: str | Sequence[str] | None, t0: float, eos_ids: frozenset[int] | None = None,
                ) -> Generation:
+        """A generation on this session, or on a spare one when this is the model's busy default.
+
+        Two generations on one session take turns in its cache: each turn re-reads the other's
+        tokens in one batch, whose logits differ (slightly, on int4) from step-by-step decoding.
+        So a call on the model while its default session has a generation running (another
+        stream, another thread) gets a session of its own, closed when the generation ends.
+        """
         self._check_open()
         stops = () if stop is None else stop
-        return self._decoder.run(ids, params, max_tokens, stops, eos_ids=eos_ids, started_at=t0)
+        with self._model._lock:
+            spare = self._model._spare_for(self) if self._busy() else None
+            runner = spare or self
+            gen = runner._decoder.run(ids, params, max_tokens, stops, eos_ids=eos_ids, started_at=t0)
+            self._live.add(gen)
+        if spare is not None:
+            self._spares[gen] = spare
+            weakref.finalize(gen, spare.close)  # a stream dropped unread frees its session too
+        return gen
+
+    def _busy(self) -> bool:
+        return any(g.result is None for g in self._live)
 
     def _finish(self, gen: Generation) -> Result:
-        gen.text()
+        try:
+            gen.text()
+        finally:
+            self._release(gen)
         assert gen.result is not None
         self.last_result = gen.result
         return gen.result
@@ -320,5 +356,11 @@ class Session(Conversation):
             yield from gen
         finally:
             gen.close()
+            self._release(gen)
             if gen.result is not None:
                 self.last_result = gen.result
+
+    def _release(self, gen: Generation) -> None:
+        spare = self._spares.pop(gen, None)
+        if spare is not None:
+            spare.close()

@@ -117,6 +117,42 @@ def test_sessions_from_threads_match_alone(smollm2_gguf: Path) -> None:
     session_checks.check_threads_match_alone(_llama_loader(smollm2_gguf))
 
 
+def test_sessions_decoding_together_share_llama_decode_calls(smollm2_gguf: Path) -> None:
+    """4 sessions in 4 threads: their one-token steps run in common batches, tokens as alone."""
+    import threading
+
+    model = _llama_loader(smollm2_gguf)(n_ctx=64, kv_budget=5 * 64 * 23040)
+    try:
+        prompts = session_checks.PROMPTS
+        keep = model.session()  # keeps the pool (the context) alive between the runs
+        alone = []
+        for p in prompts:
+            with model.session() as s:
+                alone.append(s.generate(p, max_tokens=24, **session_checks.GREEDY).tokens)
+        before = model.engine.info()["pools"][0]
+        got: dict[int, list[int]] = {}
+        barrier = threading.Barrier(4)
+
+        def run(i: int) -> None:
+            with model.session() as s:
+                barrier.wait()
+                got[i] = s.generate(prompts[i], max_tokens=24, **session_checks.GREEDY).tokens
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        pool = model.engine.info()["pools"][0]
+        steps, batches = (pool[k] - before[k] for k in ("decode_steps", "decode_batches"))
+        assert [got[i] for i in range(4)] == alone
+        print(f"4 sessions: {steps} decode steps in {batches} llama_decode calls")
+        assert steps == 4 * 23 and batches < steps * 0.75, (steps, batches)
+        keep.close()
+    finally:
+        model.close()
+
+
 def test_sliding_shifts_the_cache(smollm2_gguf: Path) -> None:
     assert session_checks.check_sliding(_llama_loader(smollm2_gguf))["shift"]  # llama.cpp shifts K
 
@@ -127,6 +163,14 @@ def test_save_restore(smollm2_gguf: Path, tmp_path: Path) -> None:
 
 def test_trim_equals_recompute(smollm2_gguf: Path) -> None:
     session_checks.check_trim_equals_recompute(_llama_loader(smollm2_gguf))
+
+
+def test_interleaved_streams_and_threads_on_the_model_equal_serial(smollm2_gguf: Path) -> None:
+    session_checks.check_default_interleaving_matches_serial(_llama_loader(smollm2_gguf))
+
+
+def test_chat_markers_typed_by_a_user_stay_text(smollm2_gguf: Path) -> None:
+    session_checks.check_chat_markers_stay_text(_llama_loader(smollm2_gguf))
 
 
 def test_sessions_share_one_context_per_size(smollm2_gguf: Path) -> None:
@@ -178,6 +222,27 @@ def test_a_closed_model_and_its_sessions_refuse_calls(smollm2_gguf: Path) -> Non
     s = m.session()
     m.close()
     for call in (lambda: m.tokenize("hi"), lambda: m.detokenize([1, 2]), lambda: m.generate("hi"),
-                 lambda: s.generate("hi"), lambda: list(s.stream("hi")), lambda: m.session()):
-        with pytest.raises(errors.InvalidInputError, match="closed"):
+                 lambda: s.generate("hi"), lambda: list(s.stream("hi")), lambda: m.session(),
+                 lambda: m.chat([{"role": "user", "content": "hi"}]), lambda: m.stream("hi"),
+                 lambda: m.tokenizer.encode("hi"), lambda: m.tokenizer.special_tokens()):
+        with pytest.raises(errors.ModelClosedError, match="closed"):
             call()
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_not_fatal(smollm2_gguf: Path) -> None:
+    # llama.cpp's token table throws std::out_of_range through its C API: the process aborted.
+    with edgellm.load(smollm2_gguf, device="cpu", threads=TEST_THREADS, n_ctx=64) as m:
+        for bad in (-1, m.tokenizer.vocab_size):
+            with pytest.raises(errors.InvalidInputError, match=f"token id {bad} is outside the vocabulary"):
+                m.detokenize([bad])
+            with pytest.raises(errors.InvalidInputError, match="outside the vocabulary"):
+                m.tokenizer.is_special(bad)
+
+
+def test_close_during_a_stream_ends_it_with_model_closed(smollm2_gguf: Path) -> None:
+    m = edgellm.load(smollm2_gguf, device="cpu", threads=TEST_THREADS, n_ctx=64)
+    stream = m.stream("Once upon a time", max_tokens=32, temperature=0.0)
+    next(stream)
+    m.close()
+    with pytest.raises(errors.ModelClosedError):
+        list(stream)

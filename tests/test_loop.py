@@ -333,6 +333,7 @@ def test_ignore_eos_decodes_past_the_end_of_the_script() -> None:
 def test_thread_count_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     import psutil
 
+    monkeypatch.setattr("edgellm.runtimes.threads.max_threads", lambda: 8)
     monkeypatch.setenv("EDGELLM_THREADS", "3")
     assert RuntimeOptions().thread_count() == 3
     assert RuntimeOptions(threads=5).thread_count() == 5  # the caller's choice wins

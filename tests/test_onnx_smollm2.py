@@ -77,3 +77,22 @@ def test_optimum_loads_our_onnx_and_generates_the_same_tokens(onnx_model) -> Non
     out = theirs.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                           max_new_tokens=16, min_new_tokens=16, do_sample=False)
     assert out[0, len(ids):].tolist() == ours
+
+
+def _int4_loader(onnx_model):  # type: ignore[no-untyped-def]
+    from tests.fixtures import TEST_THREADS
+
+    path = onnx_model("int4").path
+    return lambda **kw: edgellm.load(path, backend="onnxruntime", device="cpu", threads=TEST_THREADS, **kw)
+
+
+def test_interleaved_streams_and_threads_on_the_model_equal_serial(onnx_model) -> None:
+    from tests.fixtures import session_checks
+
+    session_checks.check_default_interleaving_matches_serial(_int4_loader(onnx_model))
+
+
+def test_chat_markers_typed_by_a_user_stay_text(onnx_model) -> None:
+    from tests.fixtures import session_checks
+
+    session_checks.check_chat_markers_stay_text(_int4_loader(onnx_model))

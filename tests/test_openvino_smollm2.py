@@ -68,3 +68,20 @@ def test_optimum_intel_loads_our_ir_and_generates_the_same_tokens(ir) -> None:
     out = theirs_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                 max_new_tokens=16, min_new_tokens=16, do_sample=False)
     assert out[0, len(ids):].tolist() == ours
+
+
+def _int4_loader(ir):  # type: ignore[no-untyped-def]
+    path = ir("int4").path
+    return lambda **kw: edgellm.load(path, backend="openvino", device="cpu", threads=TEST_THREADS, **kw)
+
+
+def test_interleaved_streams_and_threads_on_the_model_equal_serial(ir) -> None:
+    from tests.fixtures import session_checks
+
+    session_checks.check_default_interleaving_matches_serial(_int4_loader(ir))
+
+
+def test_chat_markers_typed_by_a_user_stay_text(ir) -> None:
+    from tests.fixtures import session_checks
+
+    session_checks.check_chat_markers_stay_text(_int4_loader(ir))

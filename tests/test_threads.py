@@ -27,6 +27,7 @@ def no_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 def _host(monkeypatch: pytest.MonkeyPatch, idle: float, usable: int, logical: int, physical: int) -> None:
     monkeypatch.setattr(th, "free_cores", lambda window_s=th.IDLE_WINDOW_S: (idle, usable))
     monkeypatch.setattr(th, "cpu_counts", lambda: (logical, physical))
+    monkeypatch.setattr(th, "max_threads", lambda: 8)  # explicit counts up to 8 are allowed
 
 
 @pytest.mark.parametrize(("idle", "usable", "logical", "physical", "expected"), [
@@ -60,7 +61,7 @@ def test_explicit_and_env_are_exact(no_env: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True, "two", ""])
 def test_bad_thread_values(bad: object) -> None:
-    with pytest.raises(InvalidInputError, match="positive integer or 'auto'"):
+    with pytest.raises(InvalidInputError, match="is not a usable thread count"):
         th.parse_threads(bad)
 
 
@@ -76,7 +77,7 @@ def test_free_cores_reads_the_usable_cpus() -> None:
 
 
 def test_load_refuses_bad_threads_before_loading(tmp_path: Path) -> None:
-    with pytest.raises(InvalidInputError, match="threads must be"):
+    with pytest.raises(InvalidInputError, match="threads=0 is not a usable thread count"):
         edgellm.load(tmp_path / "missing", threads=0)
 
 

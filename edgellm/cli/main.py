@@ -29,6 +29,7 @@ from edgellm.cli import (
     profile,
     quickstart,
     run,
+    serve,
     verify,
 )
 from edgellm.cli._common import GLOBAL_FLAGS
@@ -51,6 +52,7 @@ COMMANDS: dict[str, ModuleType] = {
     "profile": profile,
     "devices": devices,
     "plan": plan,
+    "serve": serve,
 }
 
 #: Exception type -> exit code, most specific first.

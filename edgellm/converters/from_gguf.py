@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgellm.converters.gguf_spm import spm_tokenizer_json
 from edgellm.converters.gguf_vocab import LLAMA3_REGEX, QWEN2_REGEX
 from edgellm.errors import ConversionError, MissingDependencyError, UnsupportedArchitectureError
 from edgellm.gguf_meta import read_gguf_metadata
@@ -88,10 +89,12 @@ def _tokenizer_meta(meta: dict[str, Any], path: Path) -> dict[str, Any]:
     }
 
 
-def _post_processor(tm: dict[str, Any]) -> dict[str, Any]:
+def _post_processor(tm: dict[str, Any]) -> dict[str, Any] | None:
     """BOS through a template when the GGUF adds one (so transformers agrees), else none."""
     bos = tm["bos"]
     if not tm["add_bos"] or bos is None:
+        if tm["model"] != "gpt2":
+            return None
         return {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
                 "use_regex": True}
     text = tm["tokens"][bos]
@@ -132,8 +135,8 @@ def write_tokenizer_files(out_dir: Path, tokenizer_json: dict[str, Any], meta: d
         tokenizer_json["pre_tokenizer"] = PRE_TOKENIZERS[tm["pre"]]
         tokenizer_json["decoder"] = _DECODER
         tokenizer_json["model"].update(_BPE_FLAGS)
-    # SentencePiece ("llama") vocabularies keep transformers' Metaspace pipeline; the probe
-    # check below tells whether it splits like llama.cpp.
+    elif tm["model"] == "llama":  # SentencePiece: transformers' rebuild splits unlike llama.cpp
+        tokenizer_json = spm_tokenizer_json(meta)
     tokenizer_json["post_processor"] = _post_processor(tm)
     _write_json(out_dir / "tokenizer.json", tokenizer_json)
     special = _special_tokens(tm)

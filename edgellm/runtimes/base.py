@@ -449,6 +449,8 @@ _FAKE_OPTIONS = (
     Option("script", "the text the fake model replies with"),
     Option("chat_template", "a Jinja chat template for the fake tokenizer"),
     Option("n_vocab", "vocabulary size (padded with unused ids)"),
+    Option("echo", "true: reply with the last user message of a ChatML prompt instead of the script"),
+    Option("step_seconds", "seconds each forward pass sleeps (to simulate a slow device)"),
 )
 
 

@@ -7,6 +7,11 @@ then EOS. Special token texts in the script (``"<|im_end|>"``) are emitted as th
 Greedy decoding therefore reproduces the script exactly, multi-byte UTF-8
 included ("é" is two tokens, "🙂" four), which exercises streaming and stop strings.
 
+With ``echo=True`` the reply is instead the last user message of a ChatML prompt (the
+bytes between the last ``<|im_start|>user\n`` and its ``<|im_end|>``), so concurrent
+requests have different answers and a mixed-up stream shows. ``step_seconds`` makes every
+forward pass sleep (releasing the GIL, like a native runtime), to simulate a slow device.
+
 Where the reply stands is read from the state itself: the longest suffix of the state
 that is a prefix of the script (never the whole state, so a prompt never counts as
 reply). Tests can check prefix reuse with ``forward_calls`` and ``evaluated_tokens``. Each
@@ -26,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgellm._jsonfile import read_json_object
-from edgellm.errors import BackendError, InvalidInputError
+from edgellm.errors import BackendError, InvalidInputError, ModelClosedError
 from edgellm.kvcache import KV_PRECISIONS, KVAbility, KVCache
 from edgellm.spec import ModelSpec
 
@@ -91,6 +96,10 @@ class FakeTokenizer:
         """True for the four special tokens."""
         return id in self._special_text
 
+    def special_tokens(self) -> dict[str, int]:
+        """Text -> id of the four special tokens."""
+        return dict(self.specials)
+
 
 class FakeEngine:
     """An :class:`~edgellm.runtimes.base.Engine` whose greedy output is ``script`` then EOS.
@@ -116,6 +125,8 @@ class FakeEngine:
         add_bos: bool = True,
         kv_precision: str = "f32",
         abilities: frozenset[KVAbility] = frozenset(KVAbility),
+        echo: bool = False,
+        step_seconds: float = 0.0,
         resident_bytes_per_token: int = 0,
     ) -> None:
         self.tokenizer: Tokenizer = FakeTokenizer(chat_template=chat_template, add_bos=add_bos)
@@ -130,6 +141,8 @@ class FakeEngine:
         )
         self.kv_precision = kv_precision
         self.abilities = frozenset(abilities)
+        self.echo = bool(echo)
+        self.step_seconds = float(step_seconds)
         # Real memory held per token evaluated since the last reset (trim keeps it), so memory
         # watchers see a KV cache grow (0: none).
         self.resident_bytes_per_token = int(resident_bytes_per_token)
@@ -152,7 +165,7 @@ class FakeEngine:
     def open_session(self, n_ctx: int) -> FakeSession:
         """A new conversation with an empty cache of ``n_ctx`` tokens."""
         if self.closed:
-            raise BackendError("fake engine is closed; open it again")
+            raise ModelClosedError("fake engine is closed; open it again")
         session = FakeSession(self, int(n_ctx))
         self.sessions.append(session)
         return session
@@ -163,8 +176,20 @@ class FakeEngine:
         logits[self._next_target(state)] = 20.0
         return logits
 
+    def _reply_for(self, state: list[int]) -> list[int]:
+        if not self.echo:
+            return self.reply
+        sp = self.tokenizer.specials
+        user = [sp["<|im_start|>"], *b"user\n"]
+        for i in range(len(state) - len(user), -1, -1):
+            if state[i:i + len(user)] == user:
+                body = state[i + len(user):]
+                end = body.index(sp["<|im_end|>"]) if sp["<|im_end|>"] in body else len(body)
+                return [*body[:end], sp["</s>"]]
+        return self.reply
+
     def _next_target(self, state: list[int]) -> int:
-        reply = self.reply
+        reply = self._reply_for(state)
         for n in range(min(len(state) - 1, len(reply) - 1), 0, -1):
             if state[-n:] == reply[:n]:
                 return reply[n]
@@ -218,7 +243,7 @@ class FakeSession:
         t0 = time.perf_counter()
         eng = self.engine
         if self._closed or eng.closed:
-            raise BackendError("fake session is closed; open another one")
+            raise ModelClosedError("fake session is closed; open another one")
         tokens = [int(t) for t in tokens]
         if not tokens:
             raise InvalidInputError("forward() needs at least one token")
@@ -229,6 +254,8 @@ class FakeSession:
         bad = [t for t in tokens if not 0 <= t < eng.n_vocab]
         if bad:
             raise BackendError(f"token id {bad[0]} outside the vocabulary [0, {eng.n_vocab})")
+        if eng.step_seconds:
+            time.sleep(eng.step_seconds)
         start = len(self._state)
         self._state.extend(tokens)
         if eng.resident_bytes_per_token:  # touched pages: resident, as a real cache's are
@@ -287,12 +314,15 @@ def open(path: str | Path, options: RuntimeOptions) -> FakeEngine:
     p = Path(path)
     if p.is_file():
         config = read_json_object(p, 'a fake model file holds {"script": "..."}')
-    config.update({k: v for k, v in options.extra.items() if k in ("script", "chat_template", "n_vocab")})
+    config.update({k: v for k, v in options.extra.items()
+                   if k in ("script", "chat_template", "n_vocab", "echo", "step_seconds")})
     return FakeEngine(
         config.get("script"),
         n_ctx=options.n_ctx or int(config.get("n_ctx", 2048)),
         n_vocab=config.get("n_vocab"),
         chat_template=config.get("chat_template"),
         kv_precision=options.kv_precision or "f32",
+        echo=str(config.get("echo", False)).lower() in ("true", "1", "yes"),
+        step_seconds=float(config.get("step_seconds", 0.0)),
         resident_bytes_per_token=int(config.get("resident_bytes_per_token", 0)),
     )

@@ -27,6 +27,7 @@ from edgellm.errors import (
     InvalidModelError,
     KVBudgetError,
     MissingDependencyError,
+    ModelClosedError,
     NoCompatibleRuntimeError,
     SessionStateError,
 )
@@ -100,6 +101,7 @@ class LlamaCppTokenizer:
         eos = int(llama_cpp.llama_vocab_eos(self._vocab))
         self.eos_token = self._text(eos if eos >= 0 else None)
         self._buf = ctypes.create_string_buffer(256)
+        self._controls: dict[str, int] | None = None
 
     def _text(self, token: int | None) -> str | None:
         if token is None:
@@ -112,7 +114,7 @@ class LlamaCppTokenizer:
 
     def _live(self) -> Any:
         if self._vocab is None:
-            raise InvalidInputError("this llama.cpp model is closed; load it again with edgellm.load()")
+            raise ModelClosedError("this llama.cpp model is closed; load it again with edgellm.load()")
         return self._vocab
 
     def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
@@ -129,9 +131,16 @@ class LlamaCppTokenizer:
                                          add_special and self.add_bos, parse_special)
         return list(buf[:n])
 
+    def _id(self, token: int) -> int:
+        # llama.cpp indexes its token table with .at(): an id outside it throws a C++ exception
+        # through the C API, which aborts the process (detokenize([-1]) did).
+        if not 0 <= token < self.vocab_size:
+            raise InvalidInputError(f"token id {token} is outside the vocabulary [0, {self.vocab_size})")
+        return token
+
     def token_bytes(self, token: int) -> bytes:
         """Raw bytes of one token's piece (special tokens rendered as their text)."""
-        n = llama_cpp.llama_token_to_piece(self._live(), token, self._buf, len(self._buf), 0, True)
+        n = llama_cpp.llama_token_to_piece(self._live(), self._id(token), self._buf, len(self._buf), 0, True)
         if n < 0:
             big = ctypes.create_string_buffer(-n)
             n = llama_cpp.llama_token_to_piece(self._vocab, token, big, -n, 0, True)
@@ -145,7 +154,17 @@ class LlamaCppTokenizer:
 
     def is_special(self, token: int) -> bool:
         """True for control tokens (BOS, EOS, chat markers)."""
-        return bool(llama_cpp.llama_vocab_is_control(self._live(), token))
+        return bool(llama_cpp.llama_vocab_is_control(self._live(), self._id(token)))
+
+    def special_tokens(self) -> dict[str, int]:
+        """Text -> id of the control tokens: what llama_tokenize's ``parse_special`` matches
+        and ``parse_special=False`` leaves as text (llama-vocab.cpp ``tokenizer_st_partition``)."""
+        if self._controls is None:
+            vocab = self._live()
+            self._controls = {self._text(i) or "": i for i in range(self.vocab_size)
+                              if llama_cpp.llama_vocab_is_control(vocab, i)}
+            self._controls.pop("", None)
+        return dict(self._controls)
 
 
 def open_vocab(path: Path) -> LlamaCppTokenizer:
@@ -181,13 +200,25 @@ def _buffer_sizes(lines: list[str]) -> dict[str, int]:
 _BUFFER_LINE = re.compile(r"\b(KV|compute|output) buffer size\s*=\s*([\d.]+) MiB")
 
 
+class _Step:
+    """One session's pending one-token decode (see :meth:`_Pool.decode_step`)."""
+
+    __slots__ = ("error", "logits", "pos", "seq", "token")
+
+    def __init__(self, seq: int, token: int, pos: int) -> None:
+        self.seq, self.token, self.pos = seq, int(token), pos
+        self.logits: np.ndarray | None = None
+        self.error: BaseException | None = None
+
+
 class _Pool:
     """One llama_context holding ``streams`` sessions of ``cells`` tokens each.
 
     With ``kv_unified=False`` llama.cpp gives every sequence id its own KV stream of
     ``n_ctx / n_seq_max`` cells, so a session attends only to its own cells, and all the
     sessions of a pool share one compute buffer. Decode calls on one pool are serialised
-    by ``lock``.
+    by ``lock``; the one-token decode steps of sessions running at the same time are
+    batched into one ``llama_decode`` (:meth:`decode_step`).
     """
 
     def __init__(self, ctx: Any, streams: int, cells: int, batch: Any, step: int,
@@ -201,6 +232,50 @@ class _Pool:
         self.free = list(range(streams))
         self.lock = threading.Lock()
         self.memory = llama_cpp.llama_get_memory(ctx.ctx)
+        self._pending: list[_Step] = []
+        self._pending_lock = threading.Lock()
+        self.steps = self.batches = 0  # decode steps run, and the llama_decode calls that ran them
+
+    def decode_step(self, seq: int, token: int, pos: int, vocab: int, path: Path) -> np.ndarray:
+        """Decode one token of sequence ``seq``, in one batch with the other sessions' waiting steps.
+
+        Group commit: the step joins the pending list, then waits for the context. Whoever
+        holds the context runs every step pending at that moment in one ``llama_decode``; a
+        step another thread already ran just returns its logits. While one batch decodes, the
+        other sessions' next steps gather, so N sessions decoding together cost one forward
+        pass of N tokens (the weights are read once) instead of N passes, as llama.cpp's
+        server batches its slots.
+        """
+        me = _Step(seq, token, pos)
+        with self._pending_lock:
+            self._pending.append(me)
+        with self.lock:
+            if me.logits is None and me.error is None:
+                with self._pending_lock:
+                    steps, self._pending = self._pending, []
+                self._run(steps, vocab, path)
+        if me.error is not None:
+            raise me.error
+        assert me.logits is not None
+        return me.logits
+
+    def _run(self, steps: list[_Step], vocab: int, path: Path) -> None:
+        b = self.batch.batch
+        b.n_tokens = len(steps)
+        self.steps, self.batches = self.steps + len(steps), self.batches + 1
+        for i, s in enumerate(steps):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = s.token, s.pos, 1, True
+            b.seq_id[i][0] = s.seq
+        try:
+            self.ctx.decode(self.batch)
+        except RuntimeError:
+            error = BackendError(f"{path}: llama_decode failed ({_native_reason()})")
+            for s in steps:
+                s.error = error
+            return
+        for i, s in enumerate(steps):  # by batch index: llama.cpp may order its outputs by stream
+            ptr = llama_cpp.llama_get_logits_ith(self.ctx.ctx, i)
+            s.logits = np.ctypeslib.as_array(ptr, shape=(vocab,)).copy()
 
     def close(self) -> None:
         self.batch.close()
@@ -277,7 +352,7 @@ class LlamaCppEngine:
     def open_session(self, n_ctx: int) -> LlamaCppSession:
         """A session of ``n_ctx`` tokens: a free stream of a pool of that size, or a new pool."""
         if self._model is None:
-            raise InvalidInputError(f"{self.path}: this model is closed; load it again")
+            raise ModelClosedError(f"{self.path}: this model is closed; load it again")
         with self._lock:
             # a pool of this size (llama.cpp pads a stream to a multiple of 256 cells)
             pool = next((p for p in self._pools if p.free and 0 <= p.cells - n_ctx < 256), None)
@@ -366,8 +441,8 @@ class LlamaCppEngine:
     def info(self) -> dict[str, Any]:
         """What runs where: backend, device, threads, context, file."""
         with self._lock:
-            pools = [{"streams": p.streams, "cells": p.cells, "free": len(p.free),
-                      "buffers": dict(p.buffers)} for p in self._pools]
+            pools = [{"streams": p.streams, "cells": p.cells, "free": len(p.free), "buffers": dict(p.buffers),
+                      "decode_steps": p.steps, "decode_batches": p.batches} for p in self._pools]
         return {
             "backend": self.backend,
             "device": self.device,
@@ -424,7 +499,7 @@ class LlamaCppSession:
 
     def _check_open(self) -> None:
         if self._closed or self._engine._model is None:
-            raise InvalidInputError(f"{self._engine.path}: this session is closed; open another")
+            raise ModelClosedError(f"{self._engine.path}: this session is closed; open another")
 
     def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Append ``tokens`` to the cache; logits of the last token (or of every token)."""
@@ -438,6 +513,10 @@ class LlamaCppSession:
                 "open the session with a larger n_ctx"
             )
         pool, vocab = self._pool, self._engine.n_vocab
+        if n == 1 and not all_logits:  # a decode step: batched with the other sessions'
+            logits = pool.decode_step(self._seq, tokens[0], self._n_past, vocab, self._engine.path)
+            self._n_past += 1
+            return logits
         rows = []
         step = pool.step
         with pool.lock:

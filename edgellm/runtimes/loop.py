@@ -46,6 +46,7 @@ import numpy as np
 from edgellm.errors import ContextOverflowError, InvalidInputError
 from edgellm.kvcache import KVAbility, OverflowPolicy
 from edgellm.runtimes.sampling import Sampler, SamplingParams
+from edgellm.text.chat import check_text
 from edgellm.text.detok import StreamDecoder
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Decoder", "FinishReason", "Generation", "Result", "Timings"]
+__all__ = ["Decoder", "FinishReason", "Generation", "Result", "Timings", "check_ids", "common_prefix"]
 
 FinishReason = Literal["stop", "length", "eos"]
 
@@ -115,7 +116,8 @@ class Result:
         }
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids ``a`` and ``b`` share."""
     n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:
@@ -286,7 +288,7 @@ class Decoder:
             logger.debug("KV cache (%d) differs from the record (%d); resetting", sess.n_past, len(state))
             sess.reset()
             state.clear()
-        keep = min(_common_prefix(state, view), len(view) - 1)  # always evaluate >= 1 token
+        keep = min(common_prefix(state, view), len(view) - 1)  # always evaluate >= 1 token
         if keep < len(state):
             sess.trim(keep)
             del state[keep:]
@@ -350,6 +352,19 @@ def _logsumexp(rows: np.ndarray) -> np.ndarray:
     return top + np.log(np.exp(rows - top).sum(axis=-1, keepdims=True))
 
 
+def check_ids(ids: Any, n_vocab: int, what: str = "token ids") -> list[int]:
+    """``ids`` as a list of ints in ``[0, n_vocab)``, or a one-line InvalidInputError."""
+    if isinstance(ids, (str, bytes, bytearray)) or not hasattr(ids, "__iter__"):
+        raise InvalidInputError(f"{what} takes a sequence of int token ids, not {type(ids).__name__}")
+    out = list(ids)
+    for i in out:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise InvalidInputError(f"{what}: token ids are ints, got {type(i).__name__} {i!r:.40}")
+        if not 0 <= i < n_vocab:
+            raise InvalidInputError(f"{what}: token id {i} is outside the vocabulary [0, {n_vocab})")
+    return [int(i) for i in out]
+
+
 def _check_prompt(prompt: list[int], n_vocab: int) -> None:
     if not prompt:
         raise InvalidInputError("the prompt is empty (0 tokens); pass some text or token ids")
@@ -376,10 +391,17 @@ def _special_stop_ids(tokenizer: Tokenizer, stops: tuple[str, ...]) -> frozenset
 def _check_stop(stop: Sequence[str] | str | None) -> tuple[str, ...]:
     if stop is None:
         return ()
-    stops = (stop,) if isinstance(stop, str) else tuple(stop)
-    for s in stops:
+    if isinstance(stop, str):
+        stops: tuple[Any, ...] = (stop,)
+    elif isinstance(stop, (list, tuple, set, frozenset)):
+        stops = tuple(stop)
+    else:
+        raise InvalidInputError(
+            f"stop must be a str or a list of str, got {type(stop).__name__}: {stop!r:.60}")
+    for i, s in enumerate(stops):
         if not isinstance(s, str) or not s:
-            raise InvalidInputError(f"stop strings must be non-empty str, got {s!r}")
+            raise InvalidInputError(f"stop strings must be non-empty str, got {s!r:.60}")
+        check_text(s, f"stop[{i}]")
     return stops
 
 

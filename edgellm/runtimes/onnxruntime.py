@@ -51,6 +51,7 @@ from edgellm.errors import (
     InvalidInputError,
     InvalidModelError,
     MissingDependencyError,
+    ModelClosedError,
     ModelNotFoundError,
     NoCompatibleRuntimeError,
     SessionStateError,
@@ -375,7 +376,7 @@ class ORTEngine:
     def open_session(self, n_ctx: int) -> ORTSession:
         """A session of ``n_ctx`` tokens with its own preallocated, I/O-bound buffers."""
         if self._session is None:
-            raise InvalidInputError(f"{self.path}: this model is closed; load it again")
+            raise ModelClosedError(f"{self.path}: this model is closed; load it again")
         return ORTSession(self, n_ctx)
 
     def run(self, binding: Any) -> None:
@@ -463,7 +464,7 @@ class ORTSession:
             raise ValueError("forward() needs at least one token")
         eng = self._engine
         if self._binding is None or eng._session is None:
-            raise InvalidInputError(f"{eng.path}: this session is closed; open another")
+            raise ModelClosedError(f"{eng.path}: this session is closed; open another")
         if self._past + n > self.n_ctx:
             raise ContextOverflowError(
                 f"{self._past} tokens in the cache + {n} new > its {self.n_ctx} tokens; "

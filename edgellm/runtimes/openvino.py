@@ -31,6 +31,7 @@ from edgellm.errors import (
     InvalidInputError,
     InvalidModelError,
     MissingDependencyError,
+    ModelClosedError,
     ModelNotFoundError,
     NoCompatibleRuntimeError,
     SessionStateError,
@@ -352,7 +353,7 @@ class OpenVINOEngine:
     def open_session(self, n_ctx: int) -> OpenVINOSession:
         """A session of ``n_ctx`` tokens: a new infer request of the compiled model."""
         if self._compiled is None:
-            raise InvalidInputError(f"{self.path}: this model is closed; load it again")
+            raise ModelClosedError(f"{self.path}: this model is closed; load it again")
         if self.npu is not None and n_ctx > self.max_ctx:
             raise InvalidInputError(
                 f"{self.path}: a session of {n_ctx} tokens > the NPU's static KV size {self.max_ctx}; "
@@ -449,7 +450,7 @@ class OpenVINOSession:
         if n == 0:
             raise ValueError("forward() needs at least one token")
         if self._request is None or self._engine._compiled is None:
-            raise InvalidInputError(f"{self._engine.path}: this session is closed; open another")
+            raise ModelClosedError(f"{self._engine.path}: this session is closed; open another")
         past = len(self._ids)
         if past + n > self.n_ctx:
             raise ContextOverflowError(

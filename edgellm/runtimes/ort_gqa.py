@@ -29,6 +29,7 @@ from edgellm.errors import (
     ContextOverflowError,
     InvalidInputError,
     InvalidModelError,
+    ModelClosedError,
     SessionStateError,
 )
 from edgellm.kvcache import KVAbility, KVCache
@@ -111,7 +112,7 @@ class GQAEngine(ORTEngine):
     def open_session(self, n_ctx: int) -> GQASession:
         """A session of ``n_ctx`` tokens with its own in-place KV buffers."""
         if self._session is None:
-            raise InvalidInputError(f"{self.path}: this model is closed; load it again")
+            raise ModelClosedError(f"{self.path}: this model is closed; load it again")
         self._check_ctx(n_ctx)
         return GQASession(self, n_ctx)
 
@@ -163,7 +164,7 @@ class GQASession:
         """Append ``tokens`` (in ``n_batch`` chunks); float32 logits of the last or every token."""
         eng = self._engine
         if self._binding is None or eng._session is None:
-            raise InvalidInputError(f"{eng.path}: this session is closed; open another")
+            raise ModelClosedError(f"{eng.path}: this session is closed; open another")
         if self._past + len(tokens) > self.n_ctx:
             raise ContextOverflowError(f"{self._past} tokens in the cache + {len(tokens)} new > its "
                                        f"{self.n_ctx} tokens; open the session with a larger n_ctx")

@@ -21,7 +21,7 @@ import numpy as np
 
 from edgellm.errors import InvalidInputError
 
-__all__ = ["Sampler", "SamplingParams", "apply_repeat_penalty"]
+__all__ = ["Sampler", "SamplingParams", "apply_repeat_penalty", "check_seed"]
 
 
 def _is_int(value: object) -> bool:
@@ -30,6 +30,19 @@ def _is_int(value: object) -> bool:
 
 def _is_real(value: object) -> bool:
     return isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+
+
+def check_seed(seed: object) -> int | None:
+    """``seed`` if it is None or an int >= 0 (any size: numpy seeds from all its bits).
+
+    A negative seed is refused rather than folded: llama.cpp's ``-1`` means "random", which
+    is ``None`` here, and folding it into a fixed 64-bit value would silently do the opposite.
+    """
+    if seed is None or (_is_int(seed) and seed >= 0):  # type: ignore[operator]
+        return seed  # type: ignore[return-value]
+    hint = " (llama.cpp's -1 for a random seed is seed=None here)" if _is_int(seed) else ""
+    raise InvalidInputError(
+        f"seed={seed!r:.40} is not a seed; pass None for fresh entropy or an int >= 0{hint}")
 
 
 @dataclass(frozen=True)
@@ -67,8 +80,8 @@ class SamplingParams:
              _is_real(self.repeat_penalty) and math.isfinite(self.repeat_penalty) and self.repeat_penalty > 0,
              "a number > 0 (1.0 turns it off)"),
             ("repeat_last_n", _is_int(self.repeat_last_n) and self.repeat_last_n >= 0, "an int >= 0"),
-            ("seed", self.seed is None or (_is_int(self.seed) and self.seed >= 0), "None or an int >= 0"),
         )
+        check_seed(self.seed)
         for name, ok, allowed in checks:
             if not ok:
                 raise InvalidInputError(

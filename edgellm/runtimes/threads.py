@@ -25,8 +25,8 @@ from edgellm.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AUTO", "THREADS_ENV", "ThreadChoice", "ThreadTuner", "choose_threads", "free_cores",
-           "parse_threads"]
+__all__ = ["AUTO", "THREADS_ENV", "ThreadChoice", "ThreadTuner", "check_threads", "choose_threads",
+           "env_threads", "free_cores", "max_threads", "parse_threads"]
 
 AUTO = "auto"
 
@@ -56,13 +56,31 @@ class ThreadChoice:
         return ThreadTuner(list(range(1, self.limit + 1)), self.count, apply)
 
 
+def max_threads() -> int:
+    """The most threads a backend may be given: this machine's logical cores.
+
+    More only oversubscribes the cores, and very large counts crash native runtimes
+    (ggml asserts ``n_threads <= GGML_MAX_N_THREADS``, 512: ``threads=100000`` aborted the process).
+    """
+    return os.cpu_count() or 1
+
+
+def check_threads(value: object, source: str = "threads") -> int:
+    """``value`` as a thread count in ``1..max_threads()``, or a one-line InvalidInputError."""
+    most = max_threads()
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise InvalidInputError(
+            f"{source}={value!r} is not a usable thread count; this machine has {most} logical "
+            f"core(s): pass an integer from 1 to {most}, or 'auto' (the cores idle at load)"
+        )
+    return value
+
+
 def parse_threads(value: object, where: str = "threads") -> int | str | None:
-    """``value`` checked: a positive int, "auto", or None (= auto)."""
+    """``value`` checked: a count in ``1..max_threads()``, "auto", or None (= auto)."""
     if value is None or (isinstance(value, str) and value.strip().lower() == AUTO):
         return None if value is None else AUTO
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInputError(f"{where} must be a positive integer or 'auto', got {value!r}")
-    return value
+    return check_threads(value, where)
 
 
 def env_threads() -> int | None:
@@ -73,7 +91,7 @@ def env_threads() -> int | None:
     if not raw.isdigit() or int(raw) < 1:
         raise InvalidInputError(f"{THREADS_ENV}={raw!r} is not a thread count; set a positive integer, "
                                 f"or 'auto' (the cores free at load), or unset it")
-    return int(raw)
+    return check_threads(int(raw), THREADS_ENV)
 
 
 def _usable_cpus() -> list[int]:

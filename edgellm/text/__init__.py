@@ -5,7 +5,7 @@ they are imported when first used.
 
 from __future__ import annotations
 
-from edgellm.text.chat import DEFAULT_CHATML, render_chat, validate_messages
+from edgellm.text.chat import DEFAULT_CHATML, check_text, encode_chat, render_chat, validate_messages
 from edgellm.text.detok import StreamDecoder
 from edgellm.text.tokenizer import HFTokenizer, Tokenizer
 
@@ -13,6 +13,8 @@ __all__ = [
     "DEFAULT_CHATML",
     "HFTokenizer",
     "StreamDecoder",
+    "check_text",
+    "encode_chat",
     "Tokenizer",
     "render_chat",
     "validate_messages",

@@ -36,6 +36,8 @@ class Tokenizer(Protocol):
     ``parse_special=True`` turns text such as ``"<|im_end|>"`` into that special token.
     ``token_bytes(id)`` is the raw bytes of one token's piece (possibly an incomplete
     UTF-8 sequence); for special and control tokens it is the token text's UTF-8.
+    ``special_tokens()`` maps the text of every token that ``parse_special=True`` turns into
+    a special (control) token to its id: the markers chat content must never produce.
     """
 
     vocab_size: int
@@ -53,6 +55,8 @@ class Tokenizer(Protocol):
     def token_bytes(self, id: int) -> bytes: ...
 
     def is_special(self, id: int) -> bool: ...
+
+    def special_tokens(self) -> dict[str, int]: ...
 
 
 @lru_cache(maxsize=1)
@@ -261,6 +265,10 @@ class HFTokenizer:
     def is_special(self, id: int) -> bool:
         """True for special (control) tokens such as BOS, EOS and chat markers."""
         return id in self._special
+
+    def special_tokens(self) -> dict[str, int]:
+        """Text -> id of the special added tokens (those ``parse_special=False`` keeps as text)."""
+        return {self._added_text[i]: i for i in self._special}
 
     def __repr__(self) -> str:
         return (
