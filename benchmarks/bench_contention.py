@@ -39,6 +39,9 @@ BUSY = "while True: pass"
 
 def decode_run(path: Path, backend: str, threads: str, tokens: int) -> dict[str, float]:
     """In a child: load with ``threads`` ("auto" or a count), warm up, decode ``tokens``."""
+    # tests.fixtures (imported by the parent for the artifacts) sets EDGELLM_THREADS=1 for the
+    # test suite; "auto" must not inherit it (the first run of this script did: see git log)
+    os.environ.pop("EDGELLM_THREADS", None)
     import edgellm
 
     count: Any = threads if threads == "auto" else int(threads)
@@ -48,8 +51,10 @@ def decode_run(path: Path, backend: str, threads: str, tokens: int) -> dict[str,
         model.generate(PROMPT, max_tokens=8, temperature=0)
         model.reset()
         t = model.generate(PROMPT, max_tokens=tokens, temperature=0, ignore_eos=True).timings
-        chosen = model.info().get("threads")
-    return {"decode_tps": t.decode_tps, "ttft_ms": t.ttft_ms, "threads": chosen}
+        info = model.info()
+    if threads == "auto" and not str(info.get("threads_reason", "")).startswith("auto"):
+        raise RuntimeError(f"threads=auto was not automatic here: {info.get('threads_reason')}")
+    return {"decode_tps": t.decode_tps, "ttft_ms": t.ttft_ms, "threads": info.get("threads")}
 
 
 def _settings() -> list[str]:
