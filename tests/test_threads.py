@@ -193,3 +193,20 @@ def test_decode_steps_reach_the_tuner(tmp_path: Path) -> None:
         r = model.generate("hi", max_tokens=6, temperature=0, ignore_eos=True)
     assert len(seen) == r.completion_tokens - 1 == 5  # one per one-token step after the first
     assert all(s >= 0 for s in seen)
+
+
+def test_more_threads_are_a_trial_undone_when_slower(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    tuner, applied = _tuner(monkeypatch, clock, current=1)
+    _steps(tuner, clock, others=0.0, n=32, seconds=0.013)  # idle CPUs: two checks agree on 2
+    assert applied == [2]
+    for _ in range(tuner.TRIAL_STEPS):
+        tuner.observe(0.110)  # 2 threads collapse (as llama.cpp did here: 9 tok/s against 78)
+    assert applied == [2, 1] and tuner.current == 1 and tuner.history[-1][1] == -1.0
+    _steps(tuner, clock, others=0.0, n=tuner.BACKOFF - 16, seconds=0.013)
+    assert applied == [2, 1]  # no second try during the backoff
+    _steps(tuner, clock, others=0.0, n=64, seconds=0.013)
+    assert applied == [2, 1, 2]  # tried again after it
+    for _ in range(tuner.TRIAL_STEPS):
+        tuner.observe(0.008)  # faster now: kept
+    assert applied == [2, 1, 2] and tuner.current == 2 and tuner._backoff == tuner.BACKOFF

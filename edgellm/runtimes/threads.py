@@ -153,15 +153,23 @@ class ThreadTuner:
     the last check, minus this process's own CPU time, gives the cores other processes took;
     the target is the physical share of the rest (as at load). A change of count needs two
     checks in a row agreeing (no flapping); ``apply(n)`` sets it (llama.cpp:
-    ``llama_set_n_threads``, no reload). Probing by trying counts was tried first and
-    dropped: beside a busy process one step at the collapsing count costs 15x a good step
-    (measured on SmolLM2 Q4_1, 2 cores: 250 ms against 18 ms). Reading ``/proc/stat`` costs
-    tens of microseconds and never slows a step.
+    ``llama_set_n_threads``, no reload). Reading ``/proc/stat`` costs tens of microseconds.
+
+    More threads are a trial: when the median of the first ``TRIAL_STEPS`` steps at the higher
+    count is ``TRIAL_WORSE`` times the median before, the tuner goes back and does not try
+    again for ``backoff`` steps (doubling after each failed trial). Idle CPUs do not promise a
+    faster decode: on this 2-core VM llama.cpp decoded 78 tokens/s on 1 thread and 9 on 2 with
+    the other core only lightly used (load average 2), and an idle-share rule alone cost
+    auto 6% against 1 fixed thread. Probing every count in turn was tried first and dropped:
+    beside a busy process one step at the collapsing count costs 15x a good step.
     """
 
     CHECK_STEPS = 16
     WINDOW = 8
     SLOWDOWN = 1.5
+    TRIAL_STEPS = 4
+    TRIAL_WORSE = 1.15
+    BACKOFF = 256
 
     def __init__(self, counts: list[int], current: int, apply: Callable[[int], None]) -> None:
         self.limit = max(counts)
@@ -173,7 +181,10 @@ class ThreadTuner:
         self._best = math.inf
         self._pending: int | None = None
         self._last = _counters()
-        # (step, cores others took, count after) of the last checks
+        self._trial: tuple[int, float] | None = None  # (count before, its median step) on trial
+        self._blocked_until = 0  # no more threads before this step
+        self._backoff = self.BACKOFF
+        # (step, cores others took, count after) of the last checks; -1: a failed trial
         self.history: collections.deque[tuple[int, float, int]] = collections.deque(maxlen=32)
 
     def observe(self, seconds: float) -> None:
@@ -182,12 +193,36 @@ class ThreadTuner:
             self._steps += 1
             self._recent.append(seconds)
             med = statistics.median(self._recent)
+            if self._trial is not None and len(self._recent) >= self.TRIAL_STEPS:
+                self._judge_trial(med)
+                return
             slow = len(self._recent) == self.WINDOW and med > self.SLOWDOWN * self._best
             if len(self._recent) == self.WINDOW:
                 self._best = min(self._best, med)
             since = self._steps - self._checked
             if since >= self.CHECK_STEPS or (slow and since >= self.WINDOW):
                 self._check()
+
+    def _judge_trial(self, med: float) -> None:
+        assert self._trial is not None
+        before, before_med = self._trial
+        self._trial = None
+        if med > self.TRIAL_WORSE * before_med:
+            logger.debug("thread tuner: %d threads %.1f ms/step, worse than %d at %.1f: back",
+                         self.current, med * 1e3, before, before_med * 1e3)
+            self._blocked_until = self._steps + self._backoff
+            self._backoff *= 2
+            self._switch(before)
+            self.history.append((self._steps, -1.0, before))
+        else:
+            self._backoff = self.BACKOFF
+
+    def _switch(self, count: int) -> None:
+        self._apply(count)
+        self.current = count
+        self._recent.clear()
+        self._best = math.inf  # step times at the new count start a new baseline
+        self._pending = None
 
     def _check(self) -> None:
         now = _counters()
@@ -197,15 +232,16 @@ class ThreadTuner:
         self._last, self._checked = now, self._steps
         usable = len(now[0])
         target = _share(usable - others, usable, self.limit)
+        if target > self.current and self._steps < self._blocked_until:
+            target = self.current  # a recent trial of more threads was slower
         agreed = target == self._pending
         self._pending = target
-        if target != self.current and agreed:
+        if target != self.current and agreed and self._recent:
             logger.debug("thread tuner: others use %.1f of %d CPUs: %d -> %d threads",
                          others, usable, self.current, target)
-            self._apply(target)
-            self.current = target
-            self._recent.clear()
-            self._best = math.inf  # step times at the new count start a new baseline
+            if target > self.current:
+                self._trial = (self.current, statistics.median(self._recent))
+            self._switch(target)
         self.history.append((self._steps, round(others, 2), self.current))
 
 
