@@ -149,8 +149,10 @@ def test_tuner_drops_to_one_thread_when_a_peer_gets_busy(monkeypatch: pytest.Mon
     _steps(tuner, clock, others=1.0, n=16)
     assert applied == []  # one check is not enough: no flapping on a blip
     _steps(tuner, clock, others=1.0, n=16)
-    assert applied == [1] and tuner.current == 1
+    assert applied == [1] and tuner.current == 1  # at once: fewer threads are never a trial
     _steps(tuner, clock, others=0.1, n=32)
+    assert applied == [1]  # more threads only from step FIRST_TRIAL (a short reply keeps its count)
+    _steps(tuner, clock, others=0.1, n=tuner.FIRST_TRIAL - 96 + 32)
     assert applied == [1, 2]  # the peer stopped: back to both cores
     assert [h[2] for h in tuner.history][-1] == 2
 
@@ -198,7 +200,7 @@ def test_decode_steps_reach_the_tuner(tmp_path: Path) -> None:
 def test_more_threads_are_a_trial_undone_when_slower(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = _Clock()
     tuner, applied = _tuner(monkeypatch, clock, current=1)
-    _steps(tuner, clock, others=0.0, n=32, seconds=0.013)  # idle CPUs: two checks agree on 2
+    _steps(tuner, clock, others=0.0, n=tuner.FIRST_TRIAL + 16, seconds=0.013)  # idle: checks agree on 2
     assert applied == [2]
     for _ in range(tuner.TRIAL_STEPS):
         tuner.observe(0.110)  # 2 threads collapse (as llama.cpp did here: 9 tok/s against 78)

@@ -155,9 +155,10 @@ class ThreadTuner:
     checks in a row agreeing (no flapping); ``apply(n)`` sets it (llama.cpp:
     ``llama_set_n_threads``, no reload). Reading ``/proc/stat`` costs tens of microseconds.
 
-    More threads are a trial: when the median of the first ``TRIAL_STEPS`` steps at the higher
-    count is ``TRIAL_WORSE`` times the median before, the tuner goes back and does not try
-    again for ``backoff`` steps (doubling after each failed trial). Idle CPUs do not promise a
+    More threads are a trial, never before step ``FIRST_TRIAL``: when the median of the first
+    ``TRIAL_STEPS`` steps at the higher count is ``TRIAL_WORSE`` times the median before, the
+    tuner goes back and does not try again for ``backoff`` steps (doubling after each failed
+    trial). Fewer threads are never a trial (a busy peer is reason enough). Idle CPUs do not promise a
     faster decode: on this 2-core VM llama.cpp decoded 78 tokens/s on 1 thread and 9 on 2 with
     the other core only lightly used (load average 2), and an idle-share rule alone cost
     auto 6% against 1 fixed thread. Probing every count in turn was tried first and dropped:
@@ -167,9 +168,10 @@ class ThreadTuner:
     CHECK_STEPS = 16
     WINDOW = 8
     SLOWDOWN = 1.5
-    TRIAL_STEPS = 4
+    TRIAL_STEPS = 3
     TRIAL_WORSE = 1.15
     BACKOFF = 256
+    FIRST_TRIAL = 128
 
     def __init__(self, counts: list[int], current: int, apply: Callable[[int], None]) -> None:
         self.limit = max(counts)
@@ -182,7 +184,9 @@ class ThreadTuner:
         self._pending: int | None = None
         self._last = _counters()
         self._trial: tuple[int, float] | None = None  # (count before, its median step) on trial
-        self._blocked_until = 0  # no more threads before this step
+        # no more threads before this step: a short reply keeps the count chosen at load, so
+        # only generations long enough to repay a failed trial (~4 slow steps) pay for one
+        self._blocked_until = self.FIRST_TRIAL
         self._backoff = self.BACKOFF
         # (step, cores others took, count after) of the last checks; -1: a failed trial
         self.history: collections.deque[tuple[int, float, int]] = collections.deque(maxlen=32)
