@@ -6,6 +6,7 @@ The public face::
     edgellm.convert("./SmolLM2-135M-Instruct", "./smollm2-q8", format="gguf", quant="Q8_0")
     with edgellm.load("./smollm2-q8") as model:
         print(model.chat([{"role": "user", "content": "Hi!"}]).text)
+    print(edgellm.profile("./smollm2-q8", prompt_tokens=128, gen_tokens=128).to_markdown())
 
 ``import edgellm`` imports no heavy library: torch, transformers, llama_cpp, openvino and
 onnxruntime are imported only by the function that needs them.
@@ -16,6 +17,7 @@ from __future__ import annotations
 from edgellm import errors
 from edgellm.api import convert, inspect, load, verify
 from edgellm.errors import EdgeLLMError
+from edgellm.profiling.profile import profile
 from edgellm.spec import ModelSpec
 
 __version__ = "0.1.0"
@@ -28,5 +30,6 @@ __all__ = [
     "inspect",
     "load",
     "ModelSpec",
+    "profile",
     "verify",
 ]

@@ -16,6 +16,7 @@ from edgellm.artifact import Format, find_artifact
 from edgellm.converters import ProgressFn
 from edgellm.errors import InvalidInputError, UnsupportedFormatError
 from edgellm.runtimes.base import RuntimeOptions, open_engine
+from edgellm.runtimes.threads import parse_threads
 
 if TYPE_CHECKING:
     from edgellm.artifact import Artifact
@@ -38,7 +39,7 @@ def load(
     backend: str | None = None,
     device: str = "auto",
     n_ctx: int | None = None,
-    threads: int | None = None,
+    threads: int | str | None = "auto",
     seed: int | None = None,
     *,
     kv_budget: int | str | None = None,
@@ -68,9 +69,12 @@ def load(
 
     ``backend`` names a registered backend ("llamacpp", ...); by default the plan's (or, with
     an explicit device, the first installed backend that reads the artifact's format).
-    ``threads`` defaults to the physical cores and may not exceed the logical ones; ``seed``
-    (None, or an int >= 0) makes sampling reproducible. ``n_ctx`` may not exceed the model's
-    trained positions, nor a session's KV cache the memory available here, on every device.
+    ``threads="auto"`` (the default) takes the physical cores that are idle at load, so a
+    model embedded beside other busy work does not collapse (``$EDGELLM_THREADS`` overrides
+    it; see :mod:`edgellm.runtimes.threads`); ``threads=N`` is exact and may not exceed the
+    logical cores. ``seed`` (None, or an int >= 0) makes sampling reproducible. ``n_ctx`` may not
+    exceed the model's trained positions, nor a session's KV cache the memory available here,
+    on every device.
 
     ``isolate=True`` is for untrusted files: the model is first opened once in a child process
     (:func:`edgellm.isolate.check_model`, also ``edgellm check``); a native crash or hang there
@@ -79,12 +83,10 @@ def load(
     """
     from edgellm.kvcache import OverflowPolicy, parse_bytes
     from edgellm.model import Model
-    from edgellm.runtimes.base import check_threads
     from edgellm.runtimes.sampling import check_seed
 
     _check_positive("n_ctx", n_ctx)
-    if threads is not None:
-        check_threads(threads)
+    threads = parse_threads(threads)
     check_seed(seed)
     budget = None if kv_budget is None else parse_bytes(kv_budget)
     OverflowPolicy.parse(kv_overflow, kv_sinks)  # checked before anything is loaded

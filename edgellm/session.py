@@ -89,6 +89,7 @@ class Conversation:
         repeat_penalty: float = 1.0,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        ignore_eos: bool = False,
         *,
         parse_special: bool = True,
     ) -> Iterator[str]:
@@ -102,7 +103,8 @@ class Conversation:
         t0 = time.perf_counter()
         ids = conv._prompt_ids(prompt, parse_special)
         params = conv._params(temperature, top_k, top_p, min_p, repeat_penalty, seed)
-        return conv._follow(conv._start(ids, params, max_tokens, stop, t0))
+        eos = frozenset() if ignore_eos else None
+        return conv._follow(conv._start(ids, params, max_tokens, stop, t0, eos_ids=eos))
 
     @overload
     def chat(self, messages: Sequence[dict[str, Any]], max_tokens: int = ..., temperature: float = ...,
@@ -175,7 +177,8 @@ class Session(Conversation):
         self.budget_key = budget_key  # what this session reserved of the model's kv_budget
         self._backend = backend
         self.policy = policy
-        self._decoder = Decoder(backend, model.tokenizer, model.engine.n_vocab, policy, capacity_note)
+        self._decoder = Decoder(backend, model.tokenizer, model.engine.n_vocab, policy, capacity_note,
+                                tuner=getattr(model.engine, "tuner", None))
         self.last_result: Result | None = None
         self._closed = False
         self._live: weakref.WeakSet[Generation] = weakref.WeakSet()  # generations started here

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("EDGELLM_THREADS", "1")  # see tests/fixtures/__init__.py
 os.environ.setdefault("OMP_NUM_THREADS", os.environ["EDGELLM_THREADS"])
+# Speeds a developer measured here (edgellm bench --matrix) must not change what plans choose.
+os.environ["EDGELLM_MEASURED_DIR"] = tempfile.mkdtemp(prefix="edgellm-measured-")
 
 import pytest
 

@@ -433,7 +433,7 @@ def test_quickstart_real_model_subprocess() -> None:
 
 def test_main_module_exposes_table() -> None:
     assert set(cli_main.COMMANDS) == {"convert", "verify", "run", "chat", "inspect", "bench",
-                                      "quickstart", "devices", "plan", "serve", "check"}
+                                      "quickstart", "devices", "plan", "profile", "serve", "check"}
     for module in cli_main.COMMANDS.values():
         assert callable(module.add_parser) and callable(module.run)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tests.fixtures import top_modules_after
 
 HEAVY = ("torch", "transformers", "llama_cpp", "openvino", "onnxruntime", "optimum", "gguf",
-         "safetensors", "accelerate")
+         "safetensors", "accelerate", "matplotlib")
 
 
 def test_import_edgellm_is_light() -> None:
@@ -16,7 +16,7 @@ def test_import_edgellm_is_light() -> None:
 def test_cli_and_public_names_are_light() -> None:
     loaded = top_modules_after(
         "import edgellm, edgellm.cli.main\n"
-        "from edgellm import load, convert, verify, inspect, ModelSpec, errors\n"
+        "from edgellm import load, convert, verify, inspect, profile, ModelSpec, errors\n"
         "from edgellm.runtimes.base import backend_names, select_backend\n"
         "backend_names(); select_backend('gguf', 'cpu')"
     )

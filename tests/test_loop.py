@@ -333,12 +333,13 @@ def test_ignore_eos_decodes_past_the_end_of_the_script() -> None:
 def test_thread_count_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     import psutil
 
-    monkeypatch.setattr("edgellm.runtimes.base.max_threads", lambda: 8)
+    monkeypatch.setattr("edgellm.runtimes.threads.max_threads", lambda: 8)
     monkeypatch.setenv("EDGELLM_THREADS", "3")
     assert RuntimeOptions().thread_count() == 3
     assert RuntimeOptions(threads=5).thread_count() == 5  # the caller's choice wins
     monkeypatch.setenv("EDGELLM_THREADS", "")
-    assert RuntimeOptions().thread_count() == psutil.cpu_count(logical=False)
+    auto = RuntimeOptions().thread_choice()  # unset: the cores idle now (tests/test_threads.py)
+    assert auto.auto and 1 <= auto.count <= psutil.cpu_count(logical=False)
     for bad in ("0", "two", "-1"):
         monkeypatch.setenv("EDGELLM_THREADS", bad)
         with pytest.raises(InvalidInputError, match=f"EDGELLM_THREADS='{bad}' is not a thread count"):

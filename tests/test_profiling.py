@@ -178,3 +178,19 @@ def test_bench_rejects_bad_counts(fake_model: Path, kwargs: dict) -> None:
 def test_bench_missing_model(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError):
         bench(tmp_path / "missing", backend="fake")
+
+
+def test_process_sampler_adds_the_watchers_samples() -> None:
+    from edgellm.profiling.memory import ProcessSampler
+
+    with ProcessSampler(interval_ms=2) as mem:
+        block = bytearray(64 * MiB)
+        block[::4096] = b"\x01" * len(block[::4096])  # touch every page: resident
+        time.sleep(0.2)
+        del block
+        time.sleep(0.1)
+    timeline = mem.timeline
+    times = [t for t, _ in timeline]
+    assert times == sorted(times) and len(timeline) > 50  # the watcher's ~150 samples joined in
+    assert mem.peak_rss_bytes - mem.baseline_rss_bytes >= 50 * MiB
+    assert not Path(mem._file).exists()  # the watcher's file is gone

@@ -17,6 +17,7 @@ __all__ = [
     "add_command",
     "positive_int",
     "non_negative_int",
+    "thread_count",
     "add_load_args",
     "add_sampling_args",
     "load_model",
@@ -78,6 +79,11 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def thread_count(text: str) -> int | str:
+    """argparse type: a positive integer or "auto"."""
+    return "auto" if text.strip().lower() == "auto" else positive_int(text)
+
+
 def add_load_args(parser: argparse.ArgumentParser, model_help: str | None = None) -> None:
     """MODEL plus --backend/--device/--n-ctx/--threads and the KV cache flags."""
     if model_help is not None:
@@ -87,8 +93,8 @@ def add_load_args(parser: argparse.ArgumentParser, model_help: str | None = None
     parser.add_argument("--device", default="auto",
                         help="cpu, gpu, npu, or auto: what `edgellm plan` chooses for this host (default)")
     parser.add_argument("--n-ctx", type=positive_int, help="context size in tokens")
-    parser.add_argument("--threads", type=positive_int,
-                        help="CPU threads (default: physical cores)")
+    parser.add_argument("--threads", type=thread_count, default="auto",
+                        help="CPU threads, or auto: the physical cores idle at load (default)")
     kv = parser.add_argument_group("KV cache")
     kv.add_argument("--kv-budget", metavar="BYTES",
                     help="KV cache bytes for every session together, e.g. 96MiB or 1.5GB")

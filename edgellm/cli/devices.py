@@ -95,6 +95,8 @@ def _human(p: DeviceProfile) -> dict[str, Any]:
                             "memory": _sized(p.total_memory_bytes), "budget": _sized(p.budget_bytes)}
     if p.available_memory_bytes is not None:
         data["available memory"] = _sized(p.available_memory_bytes)
+    if p.memory_bandwidth is not None:
+        data["memory bandwidth"] = f"{p.memory_bandwidth / 1e9:.1f} GB/s (datasheet peak)"
     data.update(cpu=_part(raw["cpu"]), gpu=_part(raw["gpu"]), npu=_part(raw["npu"]),
                 backends=[f"{backend}:{device}" for backend, device in p.backends])
     if p.source:

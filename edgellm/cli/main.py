@@ -19,7 +19,20 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from edgellm import __version__
-from edgellm.cli import bench, chat, check, convert, devices, inspect, plan, quickstart, run, serve, verify
+from edgellm.cli import (
+    bench,
+    chat,
+    check,
+    convert,
+    devices,
+    inspect,
+    plan,
+    profile,
+    quickstart,
+    run,
+    serve,
+    verify,
+)
 from edgellm.cli._common import GLOBAL_FLAGS
 from edgellm.errors import EdgeLLMError, InvalidInputError
 
@@ -38,6 +51,7 @@ COMMANDS: dict[str, ModuleType] = {
     "inspect": inspect,
     "check": check,
     "bench": bench,
+    "profile": profile,
     "devices": devices,
     "plan": plan,
     "serve": serve,

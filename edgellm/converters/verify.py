@@ -80,7 +80,7 @@ class _Reference:
             from transformers import AutoModelForCausalLM
         except ImportError:
             raise MissingDependencyError("transformers", "convert", "parity verification") from None
-        from edgellm.runtimes.base import env_threads
+        from edgellm.runtimes.threads import env_threads
 
         self.torch = torch
         torch.set_num_threads(env_threads() or max(1, os.cpu_count() or 1))

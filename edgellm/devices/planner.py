@@ -767,7 +767,12 @@ def plan(model: str | os.PathLike[str] | ModelSpec, profile: DeviceProfile | str
         fmt = _format_of(backend, info)
         if formats is None or fmt in formats:
             rows += _candidates(backend, device, fmt, info, prof, context, budget, kv)
-    result = Plan(info, prof.name, prof.budget_bytes, context, tuple(_choose(rows)))
+    rows = _choose(rows)
+    if prof.name == HOST_NAME:  # speeds measured here (bench --matrix) outrank profile order
+        from edgellm.devices.measured import prefer_measured
+
+        rows = prefer_measured(info, rows)
+    result = Plan(info, prof.name, prof.budget_bytes, context, tuple(rows))
     if result.choice is None:
         raise _nothing_fits(result, prof, backends, formats)
     logger.info("plan for %s on %s: %s", info.path or info.spec.architecture, prof.name, result.choice.label)

@@ -153,6 +153,7 @@ class DeviceProfile:
     npu: NpuSpec | None = None
     available_memory_bytes: int | None = None  # only known for the host (detect())
     source: str = ""
+    memory_bandwidth: float | None = None  # bytes/s, the datasheet's peak (``bandwidth = "17 GB/s"``)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready data (tuples become lists)."""
@@ -190,6 +191,18 @@ def _size_bytes(value: Any) -> int:
     if match is None or unit is None:
         raise _Bad(f"expected {_SIZE_HELP}")
     return int(round(float(match.group(1)) * unit))
+
+
+_BANDWIDTH = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(GB|MB|GiB|MiB)/s\s*$")
+_BANDWIDTH_UNITS = {"GB": 1e9, "MB": 1e6, "GiB": 2.0**30, "MiB": 2.0**20}
+
+
+def _bandwidth(value: Any) -> float:
+    """``"17.1 GB/s"`` -> bytes per second (GB is 10^9 bytes, as datasheets write it)."""
+    m = _BANDWIDTH.match(value) if isinstance(value, str) else None
+    if m is None or float(m.group(1)) <= 0:
+        raise _Bad('a memory bandwidth such as "17.1 GB/s" (GB, MB, GiB or MiB per second)')
+    return float(m.group(1)) * _BANDWIDTH_UNITS[m.group(2)]
 
 
 def parse_memory(value: int | str) -> int:
@@ -296,6 +309,7 @@ _TOP = (
     _Field("memory", "total_memory_bytes", _size_bytes, '"8 GiB"'),
     _Field("budget", "budget_bytes", _size_bytes, '"5.6 GiB"'),
     _Field("backends", "backends", _backends, '[["llamacpp", "cpu"]]'),
+    _Field("bandwidth", "memory_bandwidth", _bandwidth, '"17 GB/s"', required=False),
 )
 _CPU = (
     _Field("arch", "arch", _one_of(ARCHES), '"x86_64" or "aarch64"'),

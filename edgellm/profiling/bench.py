@@ -1,6 +1,7 @@
 """Benchmark one model on this host: load time, TTFT, prefill/decode speed, peak RSS.
 
-Decoding is greedy (temperature 0) on a fixed prompt so repeated runs do the same work;
+Decoding is greedy (temperature 0) on a fixed prompt, past EOS (exactly ``max_tokens``: a model
+that ends its reply at once would otherwise measure no decoding), so repeated runs do the same work;
 results are medians over ``repeats`` runs after ``warmup`` unmeasured runs. Peak RSS is
 sampled around load *and* generation, because loading is often where memory peaks.
 """
@@ -118,7 +119,7 @@ def bench(
     repeats: int = 3,
     warmup: int = 1,
     backend: str | None = None,
-    threads: int | None = None,
+    threads: int | str | None = "auto",
     n_ctx: int | None = None,
 ) -> BenchReport:
     """Load ``model_path`` and generate ``max_tokens`` greedily ``warmup + repeats`` times.
@@ -138,7 +139,7 @@ def bench(
         try:
             for i in range(warmup + repeats):
                 _reset(model)
-                result = model.generate(prompt, max_tokens=max_tokens, temperature=0.0)
+                result = model.generate(prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
                 if i >= warmup:
                     runs.append(result.timings.to_dict())
                     logger.info("bench run %d: %s", i - warmup + 1, runs[-1])

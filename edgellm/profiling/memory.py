@@ -16,9 +16,13 @@ life of the process, not just the ``with`` block.
 from __future__ import annotations
 
 import logging
+import os
+import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 
 import psutil
@@ -27,7 +31,7 @@ from edgellm.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MemorySampler", "current_rss_bytes", "os_peak_rss_bytes"]
+__all__ = ["MemorySampler", "ProcessSampler", "current_rss_bytes", "os_peak_rss_bytes"]
 
 
 def current_rss_bytes() -> int:
@@ -69,6 +73,8 @@ class MemorySampler:
         self._t0 = 0.0
         self._os_peak_before: int | None = None
         self._os_peak_after: int | None = None
+        self.probe: Callable[[], int] | None = None
+        self._probed: list[tuple[float, int]] = []
 
     # -- sampling -------------------------------------------------------------------
 
@@ -76,16 +82,24 @@ class MemorySampler:
         """Take one sample now and return it (bytes)."""
         rss = int(self._process.memory_info().rss)
         t_ms = (time.perf_counter() - self._t0) * 1000.0
+        probe = self.probe
+        value = None if probe is None else int(probe())
         with self._lock:
             self._samples.append((t_ms, rss))
+            if value is not None:
+                self._probed.append((t_ms, value))
         return rss
+
+    def now_ms(self) -> float:
+        """Milliseconds since sampling started, on the timeline's clock (for marking phases)."""
+        return (time.perf_counter() - self._t0) * 1000.0
 
     def _run(self) -> None:
         interval_s = self.interval_ms / 1000.0
         while not self._stop.wait(interval_s):
             try:
                 self.sample()
-            except psutil.Error as exc:  # never let the sampler kill the measured work
+            except Exception as exc:  # never let the sampler (or a probe) kill the measured work
                 logger.warning("memory sampling stopped: %s", exc)
                 return
 
@@ -129,6 +143,12 @@ class MemorySampler:
             return list(self._samples)
 
     @property
+    def probe_timeline(self) -> list[tuple[float, int]]:
+        """A copy of the probe's readings: ``[(t_ms, value), ...]``."""
+        with self._lock:
+            return list(self._probed)
+
+    @property
     def baseline_rss_bytes(self) -> int:
         """RSS when sampling started."""
         with self._lock:
@@ -160,3 +180,70 @@ class MemorySampler:
             "peak_rise_bytes": self.peak_rise_bytes,
             "os_peak_rss_bytes": self.os_peak_rss_bytes,
         }
+
+
+# The watcher: reads the parent's /proc/<pid>/statm every interval, appends (monotonic s, RSS
+# bytes) records to a file; stops when the parent is gone or the file is removed.
+_WATCHER = r"""
+import os, struct, sys, time
+pid, interval, out = int(sys.argv[1]), float(sys.argv[2]) / 1000.0, sys.argv[3]
+page = os.sysconf("SC_PAGE_SIZE")
+fd = os.open(f"/proc/{pid}/statm", os.O_RDONLY)
+with open(out, "ab", buffering=0) as f:
+    due = time.monotonic()
+    while os.path.exists(out):
+        try:
+            rss = int(os.pread(fd, 128, 0).split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            break
+        f.write(struct.pack("<dq", time.monotonic(), rss))
+        due += interval
+        time.sleep(max(0.0, due - time.monotonic()))
+"""
+
+
+class ProcessSampler(MemorySampler):
+    """A :class:`MemorySampler` whose RSS samples also come from a watcher *process*.
+
+    A sampler thread needs the GIL, which a native call holding it (an ONNX Runtime or
+    OpenVINO load) or a busy Python decode loop delays; a small separate process reading
+    ``/proc/<pid>/statm`` is never held up by this interpreter (measured with OpenVINO under a
+    load average of 5: the thread's largest gap 213 ms). The thread still runs (the ``probe``
+    reads this process's objects); the watcher's samples join the timeline at :meth:`stop`.
+    Linux only (``/proc``); elsewhere it is a plain MemorySampler.
+    """
+
+    def start(self) -> ProcessSampler:
+        """Start the thread and the watcher process."""
+        import subprocess
+        import sys
+        import tempfile
+
+        super().start()
+        self._mono0 = time.monotonic()
+        self._watcher: subprocess.Popen[bytes] | None = None
+        if not os.path.exists(f"/proc/{os.getpid()}/statm"):
+            return self
+        fd, self._file = tempfile.mkstemp(prefix="edgellm-rss-", suffix=".bin")
+        os.close(fd)
+        self._watcher = subprocess.Popen([sys.executable, "-S", "-c", _WATCHER, str(os.getpid()),
+                                          str(self.interval_ms), self._file], stdin=subprocess.DEVNULL)
+        return self
+
+    def stop(self) -> None:
+        """Stop both; merge the watcher's samples into the timeline."""
+        super().stop()
+        watcher, self._watcher = getattr(self, "_watcher", None), None
+        if watcher is None:
+            return
+        watcher.terminate()
+        watcher.wait()
+        path = Path(self._file)
+        try:
+            data = path.read_bytes()
+        finally:
+            path.unlink(missing_ok=True)
+        records = [struct.unpack_from("<dq", data, i) for i in range(0, len(data) - 15, 16)]
+        with self._lock:
+            self._samples += [((t - self._mono0) * 1000.0, rss) for t, rss in records]
+            self._samples.sort()

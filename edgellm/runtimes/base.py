@@ -33,6 +33,7 @@ from edgellm.errors import (
     UnknownBackendError,
     UnknownDeviceError,
 )
+from edgellm.runtimes.threads import ThreadChoice, choose_threads
 
 if TYPE_CHECKING:
     import numpy as np
@@ -64,49 +65,9 @@ __all__ = [
 DEVICES = ("cpu", "gpu", "npu", "auto")
 
 
-#: Environment variable: the thread count when the caller gives none. On a device shared with
-#: other busy processes, spinning thread pools collapse (DESIGN.md: llama.cpp at 2 threads beside
-#: one busy process, 11 tokens/s; at 1 thread, 85); EDGELLM_THREADS=1 says so once per process.
-THREADS_ENV = "EDGELLM_THREADS"
-
 #: Default context cap when the caller gives none: trained contexts can be 128k tokens,
 #: and a KV cache that large does not fit a small device.
 DEFAULT_MAX_CTX = 4096
-
-
-def max_threads() -> int:
-    """The most threads a backend may be given: this machine's logical cores.
-
-    More only oversubscribes the cores, and very large counts crash native runtimes
-    (ggml asserts ``n_threads <= GGML_MAX_N_THREADS``, 512: ``threads=100000`` aborted the process).
-    """
-    import os
-
-    return os.cpu_count() or 1
-
-
-def check_threads(value: object, source: str = "threads") -> int:
-    """``value`` as a thread count in ``1..max_threads()``, or a one-line InvalidInputError."""
-    most = max_threads()
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
-        raise InvalidInputError(
-            f"{source}={value!r} is not a usable thread count; this machine has {most} logical "
-            f"core(s): pass an integer from 1 to {most} (1 on a device shared with other busy work)"
-        )
-    return value
-
-
-def env_threads() -> int | None:
-    """``$EDGELLM_THREADS`` as a thread count, or None when it is unset or empty."""
-    import os
-
-    raw = os.environ.get(THREADS_ENV, "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit() or int(raw) < 1:
-        raise InvalidInputError(f"{THREADS_ENV}={raw!r} is not a thread count; set a positive integer "
-                                f"(1 on a device shared with other busy work) or unset it")
-    return check_threads(int(raw), THREADS_ENV)
 
 
 @dataclass(frozen=True)
@@ -118,23 +79,21 @@ class RuntimeOptions:
     """
 
     n_ctx: int | None = None  # None: the model's trained context, capped by the backend
-    threads: int | None = None  # None: physical cores
+    threads: int | str | None = None  # None or "auto": the cores free at load (runtimes.threads)
     device: str = "cpu"
     seed: int = 0
     kv_precision: str | None = None
     kv_budget_bytes: int | None = None  # every session's KV together (engines size pools by it)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def thread_choice(self) -> ThreadChoice:
+        """``threads`` when it is a number, else ``$EDGELLM_THREADS``, else the physical cores
+        free now (:func:`~edgellm.runtimes.threads.choose_threads`); ``auto`` says which."""
+        return choose_threads(self.threads)
+
     def thread_count(self) -> int:
-        """``threads``, else ``$EDGELLM_THREADS``, else the physical core count (hyper-threads
-        slow matmul-bound decoding)."""
-        import os
-
-        import psutil
-
-        if self.threads is not None:
-            return check_threads(self.threads)
-        return env_threads() or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        """The number of :meth:`thread_choice`."""
+        return self.thread_choice().count
 
     def context_for(self, spec: ModelSpec) -> int:
         """``n_ctx``, or the model's trained context capped at :data:`DEFAULT_MAX_CTX`."""

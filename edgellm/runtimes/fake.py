@@ -127,6 +127,7 @@ class FakeEngine:
         abilities: frozenset[KVAbility] = frozenset(KVAbility),
         echo: bool = False,
         step_seconds: float = 0.0,
+        resident_bytes_per_token: int = 0,
     ) -> None:
         self.tokenizer: Tokenizer = FakeTokenizer(chat_template=chat_template, add_bos=add_bos)
         self.script = DEFAULT_SCRIPT if script is None else script
@@ -142,6 +143,9 @@ class FakeEngine:
         self.abilities = frozenset(abilities)
         self.echo = bool(echo)
         self.step_seconds = float(step_seconds)
+        # Real memory held per token evaluated since the last reset (trim keeps it), so memory
+        # watchers see a KV cache grow (0: none).
+        self.resident_bytes_per_token = int(resident_bytes_per_token)
         # Special token texts in the script (e.g. "<|im_end|>") become their ids.
         self.reply = [
             *self.tokenizer.encode(self.script, add_special=False), self.tokenizer.specials["</s>"]
@@ -218,6 +222,7 @@ class FakeSession:
         self.engine = engine
         self.n_ctx = n_ctx
         self._state: list[int] = []
+        self._resident: list[np.ndarray] = []
         self._closed = False
         bpt = engine.kv_bytes_per_token()
         self.cache = KVCache(n_ctx, bpt, engine.kv_precision, engine.abilities,
@@ -253,6 +258,8 @@ class FakeSession:
             time.sleep(eng.step_seconds)
         start = len(self._state)
         self._state.extend(tokens)
+        if eng.resident_bytes_per_token:  # touched pages: resident, as a real cache's are
+            self._resident.append(np.ones(len(tokens) * eng.resident_bytes_per_token, dtype=np.uint8))
         eng.forward_calls += 1
         eng.evaluated_tokens += len(tokens)
         eng.last_forward = tokens
@@ -289,6 +296,7 @@ class FakeSession:
     def reset(self) -> None:
         """Empty the state."""
         self._state.clear()
+        self._resident.clear()
 
     def close(self) -> None:
         """Later forwards raise BackendError."""
@@ -296,7 +304,8 @@ class FakeSession:
 
 
 def open(path: str | Path, options: RuntimeOptions) -> FakeEngine:
-    """Registry entry point: ``path`` may be a JSON file ``{"script": ..., "n_ctx": ...}``.
+    """Registry entry point: ``path`` may be a JSON file ``{"script": ..., "n_ctx": ...}``
+    (also ``"resident_bytes_per_token"``: real memory held per cached token).
 
     Any other path is ignored. ``options.extra`` may also carry ``script``; ``options.n_ctx``
     wins over the file's ``n_ctx``.
@@ -315,4 +324,5 @@ def open(path: str | Path, options: RuntimeOptions) -> FakeEngine:
         kv_precision=options.kv_precision or "f32",
         echo=str(config.get("echo", False)).lower() in ("true", "1", "yes"),
         step_seconds=float(config.get("step_seconds", 0.0)),
+        resident_bytes_per_token=int(config.get("resident_bytes_per_token", 0)),
     )

@@ -302,7 +302,9 @@ class LlamaCppEngine:
         self.spec, metadata = read_gguf_spec(path)  # validates before native code sees the file
         self._metadata = metadata
         self.device = self._pick_device(options.device)
-        self.threads = options.thread_count()  # bounded by the logical cores (check_threads)
+        self.thread_choice = options.thread_choice()
+        self.threads = self.thread_choice.count
+        self.tuner = self.thread_choice.tuner(self._set_threads)  # None unless threads are automatic
         self.default_ctx = options.context_for(self.spec)
         self.max_ctx = self.spec.max_positions
         self.n_batch = int(options.extra.get("n_batch", 512))
@@ -423,6 +425,14 @@ class LlamaCppEngine:
             compute = sum(p.buffers.get("compute", 0) + p.buffers.get("output", 0) for p in self._pools)
         return {"weights": int(llama_cpp.llama_model_size(self._model.model)), "compute": compute}
 
+    def _set_threads(self, n: int) -> None:
+        """Decode and prefill on ``n`` threads from the next call on (every context of the engine)."""
+        with self._lock:
+            self.threads = n
+            for pool in self._pools:
+                with pool.lock:  # never while another session decodes on this context
+                    llama_cpp.llama_set_n_threads(pool.ctx.ctx, n, n)
+
     def fingerprint(self) -> str:
         """Names the weights: size and SHA-256 of the GGUF header and of samples of its data."""
         if self._fingerprint is None:
@@ -438,6 +448,8 @@ class LlamaCppEngine:
             "backend": self.backend,
             "device": self.device,
             "threads": self.threads,
+            "threads_reason": self.thread_choice.reason,
+            "threads_checks": list(self.tuner.history) if self.tuner else None,
             "n_ctx": self.default_ctx,
             "n_batch": self.n_batch,
             "kv_precision": self.kv_precision,

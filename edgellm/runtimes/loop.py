@@ -51,6 +51,7 @@ from edgellm.text.detok import StreamDecoder
 
 if TYPE_CHECKING:
     from edgellm.runtimes.base import BackendSession
+    from edgellm.runtimes.threads import ThreadTuner
     from edgellm.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -175,8 +176,10 @@ class Decoder:
     """
 
     def __init__(self, session: BackendSession, tokenizer: Tokenizer, n_vocab: int,
-                 policy: OverflowPolicy | None = None, capacity_note: str = "") -> None:
+                 policy: OverflowPolicy | None = None, capacity_note: str = "",
+                 tuner: ThreadTuner | None = None) -> None:
         self.session = session
+        self.tuner = tuner  # told each one-token step's time (an automatic thread count adapts)
         self.tokenizer = tokenizer
         self.n_vocab = n_vocab
         self.policy = policy or OverflowPolicy()
@@ -303,11 +306,14 @@ class Decoder:
         """Logits after appending ``view[-1]``: one-token forward, or a resync if needed."""
         state = self._state
         if self._owner is owner and len(state) == len(view) - 1 and self.session.n_past == len(state):
+            t0 = time.perf_counter()
             try:
                 logits = _last_row(self.session.forward(view[-1:]))
             except BaseException:
                 state.clear()
                 raise
+            if self.tuner is not None:
+                self.tuner.observe(time.perf_counter() - t0)
             state.append(view[-1])
             return logits
         return self._sync(owner, view)[0]

@@ -163,11 +163,18 @@ def _unavailable(wanted: list[str], seen: str, what: str) -> NoCompatibleRuntime
     )
 
 
-def session_options(threads: int) -> Any:
-    """``SessionOptions`` for one chat session: ``threads`` intra-op, sequential, all fusions."""
+def session_options(threads: int, spin: bool = True) -> Any:
+    """``SessionOptions`` for one chat session: ``threads`` intra-op, sequential, all fusions.
+
+    ``spin=False`` (an automatic thread count: the CPU may be shared) stops idle pool threads
+    from spinning (``session.intra_op.allow_spinning``, onnxruntime_session_options_config_keys.h).
+    """
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(threads)
     opts.inter_op_num_threads = 1
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3  # errors only; they are raised (and translated) anyway
@@ -259,7 +266,8 @@ class ORTEngine:
         self.device = options.device
         self.requested_providers = select_providers(
             options.device, ort.get_available_providers(), options.extra.get("providers"))
-        self.threads = options.thread_count()
+        self.thread_choice = options.thread_choice()
+        self.threads = self.thread_choice.count
         self.default_ctx = options.context_for(self.spec)
         self.max_ctx = self.spec.max_positions
         self.n_batch = _positive(options.extra.get("n_batch", _DEFAULT_N_BATCH), "n_batch")
@@ -296,7 +304,8 @@ class ORTEngine:
 
     def _open_session(self) -> Any:
         try:
-            return ort.InferenceSession(str(self.path), sess_options=session_options(self.threads),
+            opts = session_options(self.threads, spin=not self.thread_choice.auto)
+            return ort.InferenceSession(str(self.path), sess_options=opts,
                                         providers=self.requested_providers)
         except _CAUGHT as exc:
             raise translate_error(exc, self.path, "to load the model") from None
@@ -396,6 +405,7 @@ class ORTEngine:
             "device": self.device,
             "providers": list(self._session.get_providers()) if self._session else [],
             "threads": self.threads,
+            "threads_reason": self.thread_choice.reason,
             "n_ctx": self.default_ctx,
             "n_batch": self.n_batch,
             "kv_precision": self.kv_precision,

@@ -84,7 +84,7 @@ INFERENCE_PRECISIONS: dict[str | None, str | None] = {None: None, "f32": "f32", 
 #: AUTO forwards only hints it understands.
 _DEVICE_KEYS: dict[str, frozenset[str]] = {
     "CPU": frozenset({"PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "KV_CACHE_PRECISION",
-                      "INFERENCE_PRECISION_HINT", "CACHE_DIR"}),
+                      "INFERENCE_PRECISION_HINT", "CACHE_DIR", "ENABLE_CPU_PINNING"}),
     "GPU": frozenset({"PERFORMANCE_HINT", "KV_CACHE_PRECISION", "INFERENCE_PRECISION_HINT",
                       "CACHE_DIR"}),
     "NPU": frozenset({"PERFORMANCE_HINT", "CACHE_DIR", "NPU_USE_NPUW", "NPUW_LLM",
@@ -152,12 +152,14 @@ def select_device(device: str, available: Sequence[str]) -> str:
 
 def build_properties(ov_device: str, threads: int, extra: Mapping[str, Any],
                      cache_dir: Path | None, npu: Mapping[str, int] | None = None,
-                     kv_precision: str | None = None) -> dict[str, str]:
+                     kv_precision: str | None = None, shared: bool = False) -> dict[str, str]:
     """Compile properties for ``ov_device``: the wanted ones, filtered by what it accepts.
 
     PERFORMANCE_HINT is LATENCY (one stream of one request: a chat session), the thread
     count is explicit, the KV cache precision defaults to f16, INFERENCE_PRECISION_HINT
     is only set when ``extra["precision"]`` asks, and CACHE_DIR makes a second load fast.
+    ``shared`` (an automatic thread count: the CPU may be busy with other work) turns CPU
+    pinning off, so the plugin's threads can move to whichever core is free.
     On NPU the stateful model runs through the plugin's LLM pipeline (NPUW) with the
     static shapes ``npu`` (:func:`npu_shapes`); the KV tensors are [batch, heads, seq, dim].
     """
@@ -177,6 +179,7 @@ def build_properties(ov_device: str, threads: int, extra: Mapping[str, Any],
         "KV_CACHE_PRECISION": KV_CACHE_PRECISIONS[kv],
         "INFERENCE_PRECISION_HINT": INFERENCE_PRECISIONS[precision],
         "CACHE_DIR": str(cache_dir) if cache_dir is not None else None,
+        "ENABLE_CPU_PINNING": "NO" if shared else None,
     }
     if npu is not None:
         wanted.update({
@@ -246,7 +249,8 @@ class OpenVINOEngine:
         self._core = core if core is not None else ov.Core()
         self.device = options.device
         self.ov_device = select_device(options.device, self._core.available_devices)
-        self.threads = options.thread_count()
+        self.thread_choice = options.thread_choice()
+        self.threads = self.thread_choice.count
         self.npu: dict[str, int] | None = None
         self.sliced_logits = False  # set by _compile: logits only for the rows read
         if self.ov_device == "NPU":
@@ -260,7 +264,7 @@ class OpenVINOEngine:
         self.cache_dir = Path(cache).expanduser() if cache else default_cache_dir()
         self.properties = build_properties(self.ov_device, self.threads, options.extra,
                                            self.cache_dir / model_fingerprint(self.path), self.npu,
-                                           self.kv_precision)
+                                           self.kv_precision, shared=self.thread_choice.auto)
         self._compiled = self._compile()
         probe = self._compiled.create_infer_request()
         self._inputs = {n for i in self._compiled.inputs for n in i.get_names()}
@@ -391,6 +395,7 @@ class OpenVINOEngine:
             "ov_device": self.ov_device,
             "execution_devices": executing,
             "threads": self.threads,
+            "threads_reason": self.thread_choice.reason,
             "n_ctx": self.default_ctx,
             "kv_precision": self.properties.get("KV_CACHE_PRECISION", "device default"),
             "inference_precision": self.properties.get("INFERENCE_PRECISION_HINT", "device default"),
