@@ -214,7 +214,8 @@ EXPECTED: dict[str, dict[str, tuple[str, str, str, str, str] | None]] = {
         "apple-m2-16gb": ("gguf", "F16", "llamacpp", "gpu", "f16"),
         "cpu-only-x86-8gb": ("gguf", "F16", "llamacpp", "cpu", "f16"),
         # fp16 + a float32 working copy + 4096 prompt tokens of 128256-wide logits > 8 GiB of GPU
-        "intel-core-ultra-7-155h-laptop": ("openvino", "int8", "openvino", "gpu", "f16"),
+        # fp16 fits since OpenVINO computes one row of logits (4096 x 128256 floats were 2 GiB)
+        "intel-core-ultra-7-155h-laptop": ("openvino", "fp16", "openvino", "gpu", "f16"),
         "jetson-orin-nano-8gb": ("gguf", "F16", "llamacpp", "gpu", "f16"),
         "raspberry-pi-5-4gb": ("gguf", "F16", "llamacpp", "cpu", "f16"),  # 2.3 GiB of weights
         "raspberry-pi-5-8gb": ("gguf", "F16", "llamacpp", "cpu", "f16"),
@@ -226,7 +227,7 @@ EXPECTED: dict[str, dict[str, tuple[str, str, str, str, str] | None]] = {
     "7b": {
         "apple-m2-16gb": ("gguf", "Q8_0", "llamacpp", "gpu", "f16"),
         "cpu-only-x86-8gb": ("gguf", "Q4_K_M", "llamacpp", "cpu", "q8_0"),
-        "intel-core-ultra-7-155h-laptop": ("openvino", "int4", "openvino", "gpu", "u8"),
+        "intel-core-ultra-7-155h-laptop": ("openvino", "int4", "openvino", "gpu", "f16"),
         "jetson-orin-nano-8gb": ("gguf", "Q4_K_M", "llamacpp", "gpu", "q8_0"),
         "raspberry-pi-5-4gb": None,
         "raspberry-pi-5-8gb": ("gguf", "Q4_K_M", "llamacpp", "cpu", "q8_0"),

@@ -48,14 +48,17 @@ after each step, in fresh processes, the context filled by the prompt:
   the layer weight bytes after load, one KV copy, and one prefill chunk of activations
   (no score matrix, one row of logits): predicted 272 / 339 MiB, measured 276 / 349 MiB at
   n_ctx 512 / 2048 (int4).
-- OpenVINO CPU prefills the whole prompt in one request; its peak grew linearly with the
-  prompt, 0.46 MiB per token from 472 to 2008 tokens (no quadratic attention term: fused
-  SDPA): twice the float32 logits per token (2 x vocab x 4) plus 32 B x (hidden + intermediate)
-  plus the KV. The rest, at 1000 tokens, minus runtime and tokenizer: int4 215, int8 296,
-  fp16 803 MiB for .bin files of 82, 129 and 257 MiB: the file, a float32 copy of the lm_head
-  (vocab x hidden x 4 = 108 MiB) for compressed weights, float32 copies of fp16 weights (no
-  fp16 arithmetic on AVX2), and ~40 MiB of compiled-model structures (25-59 MiB across the
-  three). A first compile (no model cache) peaks ~30 MiB higher than a cached load.
+- OpenVINO CPU prefills the whole prompt in one request. With the output projection sliced
+  to the last position (``runtimes/ov_logits.py``) the peak grows 58 KiB per prompt token
+  (no quadratic attention term: fused SDPA): the KV plus 18 B x (hidden + intermediate), over
+  24 MiB of the request's own buffers: predicted 373 / 403 / 462 MiB, measured 374 / 402 / 463
+  MiB at n_ctx 512 / 1024 / 2048 (int4, prompt n_ctx - 8). Unsliced (the NPU pipeline) it was
+  0.46 MiB per token: twice the float32 logits per token (2 x vocab x 4) plus 32 B x
+  (hidden + intermediate) plus the KV. The rest, at 1000 tokens, minus runtime and tokenizer:
+  int4 215, int8 296, fp16 803 MiB for .bin files of 82, 129 and 257 MiB: the file, a float32
+  copy of the lm_head (vocab x hidden x 4 = 108 MiB) for compressed weights, float32 copies
+  of fp16 weights (no fp16 arithmetic on AVX2), and ~40 MiB of compiled-model structures
+  (25-59 MiB across the three). A first compile (no model cache) peaks ~30 MiB higher than a cached load.
 
 The same constants serve every model; larger models are an extrapolation from this one.
 """
@@ -248,6 +251,7 @@ def _llama_compute(spec: ModelSpec, n_ctx: int, quant: Quant | None) -> int:
 #: the layer weight bytes (no float copy of the tied table: the head reads the table itself).
 _BUILDER_FIXED = 46 * MiB
 _BUILDER_PREPACK = 0.174
+_OV_REQUEST = 24 * MiB  # an infer request's own buffers with the logits sliced
 _ORT_FIXED = 68 * MiB  # optimum's graphs (the backend row's fixed bytes)
 
 
@@ -285,7 +289,10 @@ def _ov_weights(spec: ModelSpec, quant: Quant | None, file_bytes: int) -> int:
 
 
 def _ov_compute(spec: ModelSpec, n_ctx: int, quant: Quant | None) -> int:
-    return n_ctx * (2 * spec.vocab_size * 4 + 32 * (spec.hidden_size + spec.intermediate_size))
+    if quant is not None and quant.npu:  # the NPU pipeline keeps every position's logits
+        return n_ctx * (2 * spec.vocab_size * 4 + 32 * (spec.hidden_size + spec.intermediate_size))
+    # logits for the last position only (runtimes/ov_logits.py): fitted on SmolLM2 int4
+    return _OV_REQUEST + n_ctx * 18 * (spec.hidden_size + spec.intermediate_size)
 
 
 @dataclass(frozen=True)
