@@ -23,7 +23,7 @@ import logging
 import platform
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import psutil
@@ -173,6 +173,28 @@ def host_backends(ov_devices: Sequence[str] | None, ort_providers: Sequence[str]
                  for backend, devices in offered.items() if device in devices)
 
 
+#: Backends whose devices the probes above find; every other registered one is a plugin.
+BUILTIN_BACKENDS = frozenset({"llamacpp", "openvino", "onnxruntime", "fake"})
+
+
+def plugin_backends(formats: Collection[str] | None = None) -> tuple[tuple[str, str], ...]:
+    """(backend, device) pairs of the plugin backends (entry points) that can run here, GPUs first.
+
+    They come after the built-in pairs, so a plan prefers a built-in backend unless only the
+    plugin fits; ``formats`` keeps the plugins that read one of them.
+    """
+    from edgellm.runtimes.base import backend_names, get_backend
+
+    pairs: list[tuple[str, str]] = []
+    for name in backend_names():
+        spec = get_backend(name)
+        if name in BUILTIN_BACKENDS or (formats is not None and not set(spec.formats) & set(formats)):
+            continue
+        found = spec.host_devices()
+        pairs += [(name, d) for d in ("gpu", "npu", "cpu") if d in found]
+    return tuple(pairs)
+
+
 def _kinds(device: str, ov_devices: Sequence[str] | None, ort_providers: Sequence[str] | None
            ) -> list[str]:
     """Hardware kinds of ``device`` that OpenVINO or ONNX Runtime report, in that order."""
@@ -300,7 +322,7 @@ def detect() -> DeviceProfile:
         total_memory_bytes=total,
         budget_bytes=host_budget(total, available),
         cpu=host_cpu(),
-        backends=host_backends(ov, ort, llama_gpu),
+        backends=host_backends(ov, ort, llama_gpu) + plugin_backends(),
         gpu=host_gpu(ov, ort, llama_gpu, platform.system()),
         npu=host_npu(ov, ort),
         available_memory_bytes=available,

@@ -63,7 +63,7 @@ from typing import Any
 from edgellm.spec import ModelSpec
 
 __all__ = ["BACKEND_MODELS", "KV_BYTES", "PLANNED_FORMATS", "QUANTS", "BackendModel", "Quant", "find_quant",
-           "kv_bytes_per_token", "onnx_kv_precision", "weight_bytes"]
+           "kv_bytes_per_token", "memory_model", "onnx_kv_precision", "weight_bytes"]
 
 MiB = 2**20
 GiB = 2**30
@@ -285,3 +285,13 @@ BACKEND_MODELS: dict[str, BackendModel] = {
 
 #: Formats the planner sizes.
 PLANNED_FORMATS = ("gguf", "openvino", "onnx")
+
+
+def memory_model(backend: str) -> BackendModel | None:
+    """How ``backend`` uses memory: a built-in's row, a plugin's ``BackendSpec.memory``, else None."""
+    if backend in BACKEND_MODELS:
+        return BACKEND_MODELS[backend]
+    from edgellm.runtimes.base import get_backend
+
+    found = get_backend(backend).memory
+    return found if isinstance(found, BackendModel) else None

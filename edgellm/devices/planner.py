@@ -32,6 +32,7 @@ from edgellm.devices.detect import (
     host_cpu,
     host_gpu,
     host_npu,
+    plugin_backends,
     probe_llama_gpu,
     probe_onnxruntime,
     probe_openvino,
@@ -51,6 +52,7 @@ from edgellm.devices.memory import (
     Quant,
     find_quant,
     kv_bytes_per_token,
+    memory_model,
     onnx_kv_precision,
     weight_bytes,
 )
@@ -249,15 +251,17 @@ def _cap(model: ModelInfo, profile: DeviceProfile, device: str) -> tuple[int, st
 
 def _refusal(backend: str, device: str, model: ModelInfo, profile: DeviceProfile) -> str | None:
     """Why ``backend`` on ``device`` cannot run this model at all (before sizing), or None."""
-    if backend not in BACKEND_MODELS:
-        return f"the planner has no memory model for backend {backend!r}"
+    row = memory_model(backend)
+    if row is None:
+        return (f"the planner has no memory model for backend {backend!r} (a plugin gives one as "
+                "BackendSpec.memory)")
     spec = get_backend(backend)
     if model.is_artifact and model.format not in spec.formats:
         return f"{backend} reads {', '.join(spec.formats)}, not this {model.format} model"
     if profile.name == HOST_NAME and not spec.installed():
         return f"backend {backend} not installed (pip install \"edgellm[{spec.extra}]\")"
     if _static_npu(profile, device) and profile.npu is not None:
-        if not BACKEND_MODELS[backend].npu_static:
+        if not row.npu_static:
             return (f"device npu ({profile.npu.kind}) needs static shapes, which the {backend} backend "
                     "does not compile (only openvino does)")
         if model.is_artifact and model.npu_ready is not None:
@@ -273,7 +277,8 @@ def _npu_options(quant: Quant, profile: DeviceProfile) -> tuple[tuple[str, Any],
 def _options(backend: str, device: str, fmt: str, model: ModelInfo, profile: DeviceProfile,
              quants: list[Quant] | None = None, kv_wanted: str | None = None) -> list[_Option]:
     """Every (quantization, KV precision) option of one pair, best first (only ``kv_wanted``'s if given)."""
-    row = BACKEND_MODELS[backend]
+    row = memory_model(backend)
+    assert row is not None  # _refusal said why not before
     ladder = row.kv_ladder
     if kv_wanted is not None and ladder and kv_wanted in get_backend(backend).kv_precisions:
         ladder = (kv_wanted,)
@@ -520,6 +525,7 @@ def host_profile(formats: Collection[str] | None = None) -> DeviceProfile:
         name=HOST_NAME, description=f"this machine, as detected: {platform.platform()}",
         total_memory_bytes=int(memory.total),
         budget_bytes=host_budget(int(memory.total), int(memory.available)), cpu=host_cpu(),
-        backends=host_backends(ov, ort, llama_gpu), gpu=host_gpu(ov, ort, llama_gpu, platform.system()),
+        backends=host_backends(ov, ort, llama_gpu) + plugin_backends(formats),
+        gpu=host_gpu(ov, ort, llama_gpu, platform.system()),
         npu=host_npu(ov, ort), available_memory_bytes=int(memory.available),
     )

@@ -21,7 +21,7 @@ import difflib
 import importlib
 import importlib.util
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -184,6 +184,13 @@ class BackendSpec:
     extra that brings it. ``kv_precisions`` lists the KV precisions it stores (the first is
     its default); ``options`` its own load options, so a misspelt one is refused before
     anything is imported.
+
+    A plugin backend (entry point group ``edgellm.backends``) is planned like a built-in one
+    when its row also says how it uses memory and what it drives here: ``memory`` is an
+    :class:`edgellm.devices.memory.BackendModel`, and ``probe()`` returns the devices
+    ("cpu", "gpu", "npu") it can drive on this host without loading a model (``None``: its
+    ``devices`` when installed). The built-in rows keep those facts in the planner's tables
+    (``devices/memory.py``) and ``devices/detect.py``.
     """
 
     name: str
@@ -195,6 +202,21 @@ class BackendSpec:
     description: str = ""
     kv_precisions: tuple[str, ...] = ("f16",)
     options: tuple[Option, ...] = ()
+    memory: Any = None  # an edgellm.devices.memory.BackendModel: the planner sizes it
+    probe: Callable[[], Sequence[str]] | None = None
+
+    def host_devices(self) -> tuple[str, ...]:
+        """The devices this backend can drive here: ``probe()``, else its devices when installed."""
+        if not self.installed():
+            return ()
+        if self.probe is None:
+            return tuple(self.devices)
+        try:
+            found = tuple(self.probe())
+        except Exception as exc:  # a plugin's probe must not break planning
+            logger.warning("backend %s: its device probe failed: %s", self.name, exc)
+            return ()
+        return tuple(d for d in found if d in self.devices)
 
     def installed(self) -> bool:
         """True when the backend's native dependency can be imported (checked, not imported)."""
