@@ -117,42 +117,6 @@ def test_sessions_from_threads_match_alone(smollm2_gguf: Path) -> None:
     session_checks.check_threads_match_alone(_llama_loader(smollm2_gguf))
 
 
-def test_sessions_decoding_together_share_llama_decode_calls(smollm2_gguf: Path) -> None:
-    """4 sessions in 4 threads: their one-token steps run in common batches, tokens as alone."""
-    import threading
-
-    model = _llama_loader(smollm2_gguf)(n_ctx=64, kv_budget=5 * 64 * 23040)
-    try:
-        prompts = session_checks.PROMPTS
-        keep = model.session()  # keeps the pool (the context) alive between the runs
-        alone = []
-        for p in prompts:
-            with model.session() as s:
-                alone.append(s.generate(p, max_tokens=24, **session_checks.GREEDY).tokens)
-        before = model.engine.info()["pools"][0]
-        got: dict[int, list[int]] = {}
-        barrier = threading.Barrier(4)
-
-        def run(i: int) -> None:
-            with model.session() as s:
-                barrier.wait()
-                got[i] = s.generate(prompts[i], max_tokens=24, **session_checks.GREEDY).tokens
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        pool = model.engine.info()["pools"][0]
-        steps, batches = (pool[k] - before[k] for k in ("decode_steps", "decode_batches"))
-        assert [got[i] for i in range(4)] == alone
-        print(f"4 sessions: {steps} decode steps in {batches} llama_decode calls")
-        assert steps == 4 * 23 and batches < steps * 0.75, (steps, batches)
-        keep.close()
-    finally:
-        model.close()
-
-
 def test_sliding_shifts_the_cache(smollm2_gguf: Path) -> None:
     assert session_checks.check_sliding(_llama_loader(smollm2_gguf))["shift"]  # llama.cpp shifts K
 

@@ -200,25 +200,13 @@ def _buffer_sizes(lines: list[str]) -> dict[str, int]:
 _BUFFER_LINE = re.compile(r"\b(KV|compute|output) buffer size\s*=\s*([\d.]+) MiB")
 
 
-class _Step:
-    """One session's pending one-token decode (see :meth:`_Pool.decode_step`)."""
-
-    __slots__ = ("error", "logits", "pos", "seq", "token")
-
-    def __init__(self, seq: int, token: int, pos: int) -> None:
-        self.seq, self.token, self.pos = seq, int(token), pos
-        self.logits: np.ndarray | None = None
-        self.error: BaseException | None = None
-
-
 class _Pool:
     """One llama_context holding ``streams`` sessions of ``cells`` tokens each.
 
     With ``kv_unified=False`` llama.cpp gives every sequence id its own KV stream of
     ``n_ctx / n_seq_max`` cells, so a session attends only to its own cells, and all the
     sessions of a pool share one compute buffer. Decode calls on one pool are serialised
-    by ``lock``; the one-token decode steps of sessions running at the same time are
-    batched into one ``llama_decode`` (:meth:`decode_step`).
+    by ``lock``.
     """
 
     def __init__(self, ctx: Any, streams: int, cells: int, batch: Any, step: int,
@@ -232,50 +220,6 @@ class _Pool:
         self.free = list(range(streams))
         self.lock = threading.Lock()
         self.memory = llama_cpp.llama_get_memory(ctx.ctx)
-        self._pending: list[_Step] = []
-        self._pending_lock = threading.Lock()
-        self.steps = self.batches = 0  # decode steps run, and the llama_decode calls that ran them
-
-    def decode_step(self, seq: int, token: int, pos: int, vocab: int, path: Path) -> np.ndarray:
-        """Decode one token of sequence ``seq``, in one batch with the other sessions' waiting steps.
-
-        Group commit: the step joins the pending list, then waits for the context. Whoever
-        holds the context runs every step pending at that moment in one ``llama_decode``; a
-        step another thread already ran just returns its logits. While one batch decodes, the
-        other sessions' next steps gather, so N sessions decoding together cost one forward
-        pass of N tokens (the weights are read once) instead of N passes, as llama.cpp's
-        server batches its slots.
-        """
-        me = _Step(seq, token, pos)
-        with self._pending_lock:
-            self._pending.append(me)
-        with self.lock:
-            if me.logits is None and me.error is None:
-                with self._pending_lock:
-                    steps, self._pending = self._pending, []
-                self._run(steps, vocab, path)
-        if me.error is not None:
-            raise me.error
-        assert me.logits is not None
-        return me.logits
-
-    def _run(self, steps: list[_Step], vocab: int, path: Path) -> None:
-        b = self.batch.batch
-        b.n_tokens = len(steps)
-        self.steps, self.batches = self.steps + len(steps), self.batches + 1
-        for i, s in enumerate(steps):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = s.token, s.pos, 1, True
-            b.seq_id[i][0] = s.seq
-        try:
-            self.ctx.decode(self.batch)
-        except RuntimeError:
-            error = BackendError(f"{path}: llama_decode failed ({_native_reason()})")
-            for s in steps:
-                s.error = error
-            return
-        for i, s in enumerate(steps):  # by batch index: llama.cpp may order its outputs by stream
-            ptr = llama_cpp.llama_get_logits_ith(self.ctx.ctx, i)
-            s.logits = np.ctypeslib.as_array(ptr, shape=(vocab,)).copy()
 
     def close(self) -> None:
         self.batch.close()
@@ -442,8 +386,8 @@ class LlamaCppEngine:
     def info(self) -> dict[str, Any]:
         """What runs where: backend, device, threads, context, file."""
         with self._lock:
-            pools = [{"streams": p.streams, "cells": p.cells, "free": len(p.free), "buffers": dict(p.buffers),
-                      "decode_steps": p.steps, "decode_batches": p.batches} for p in self._pools]
+            pools = [{"streams": p.streams, "cells": p.cells, "free": len(p.free),
+                      "buffers": dict(p.buffers)} for p in self._pools]
         return {
             "backend": self.backend,
             "device": self.device,
@@ -514,10 +458,6 @@ class LlamaCppSession:
                 "open the session with a larger n_ctx"
             )
         pool, vocab = self._pool, self._engine.n_vocab
-        if n == 1 and not all_logits:  # a decode step: batched with the other sessions'
-            logits = pool.decode_step(self._seq, tokens[0], self._n_past, vocab, self._engine.path)
-            self._n_past += 1
-            return logits
         rows = []
         step = pool.step
         with pool.lock:
