@@ -55,10 +55,13 @@ def _commands(gguf: str, port: int, threads: int, parallel: int) -> dict[str, li
                           str(port), "--threads", str(threads), "--parallel", str(parallel),
                           "--n-ctx", str(N_CTX), "--max-queue", "64",
                           "--kv-budget", str(parallel * N_CTX * 30 * 2 * 3 * 64 * 2)],
-        # llama-cpp-python's server: one context, requests served one at a time under its lock.
+        # llama-cpp-python's server: one context, requests served one at a time under its lock. By
+        # default a new request interrupts the running stream (interrupt_requests=True): measured, 2
+        # clients then got 5 tokens/s of cut-off answers. Off, so both servers finish every answer.
         "llama_cpp.server": [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
                              "--n_threads", str(threads), "--n_threads_batch", str(threads),
-                             "--n_ctx", str(N_CTX), "--model_alias", "smollm2"],
+                             "--n_ctx", str(N_CTX), "--model_alias", "smollm2",
+                             "--interrupt_requests", "False"],
     }
 
 
@@ -224,7 +227,8 @@ def report(results: dict[str, dict[int, list[dict[str, float]]]], args: argparse
         f"chat completions of at most {args.max_tokens} tokens (both servers stop at the same EOS), "
         f"{args.requests_per_client} requests per client in turn, medians of {args.repeats} rounds. "
         f"edgellm: `--parallel {max(args.clients)}` sessions as KV streams of one llama.cpp context; "
-        "llama_cpp.server: one context, one request at a time.",
+        "llama_cpp.server: one context, one request at a time (`--interrupt_requests False`: by default a "
+        "new request cuts the running answer off).",
         "",
         "| clients | edgellm req/s | llama_cpp.server req/s | ratio | edgellm tok/s | llama_cpp.server tok/s "
         "| ratio | edgellm TTFT ms | llama_cpp.server TTFT ms |",
