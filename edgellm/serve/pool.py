@@ -83,7 +83,6 @@ class SessionPool:
         self._busy: set[Session] = set()
         self._waiters: deque[tuple[list[int], asyncio.Future[Session]]] = deque()
         self._open(parallel)
-        self.slots = len(self._idle)
 
     def _open(self, parallel: int) -> None:
         for i in range(parallel):
@@ -97,6 +96,11 @@ class SessionPool:
                 return
 
     # -- counts (for /metrics) -----------------------------------------------------------
+
+    @property
+    def slots(self) -> int:
+        """Sessions the pool holds (one closed in use is not given back)."""
+        return len(self._idle) + len(self._busy)
 
     @property
     def running(self) -> int:
@@ -136,8 +140,7 @@ class SessionPool:
         """Give ``session`` back: to the first request waiting, else to the idle list."""
         self._busy.discard(session)
         if session.closed:
-            logger.error("a server session was closed while in use; %d slots left", self.slots - 1)
-            self.slots -= 1
+            logger.error("a server session was closed while in use; %d slots left", self.slots)
         else:
             self._idle.append(session)
         while self._waiters and self._idle:
