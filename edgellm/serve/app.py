@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgellm.errors import ContextOverflowError, EdgeLLMError, InvalidInputError, MissingDependencyError
 from edgellm.kvcache import Overflow
+from edgellm.runtimes.loop import check_ids
 from edgellm.serve.guard import Guard, GuardConfig
 from edgellm.serve.metrics import Metrics
 from edgellm.serve.pool import SessionPool, session_size
@@ -213,7 +214,7 @@ class Server:
             self.metrics.request(endpoint, exc.status)
             return _error(exc)
         job = _Job(asyncio.get_running_loop())
-        self._workers.submit(self._work, session, req, job)
+        self._workers.submit(self._work, session, req, ids, job)
         watcher = asyncio.create_task(_watch_disconnect(request, job.cancel))
         self.metrics.request(endpoint, 200)
         if req.stream:
@@ -249,11 +250,7 @@ class Server:
             elif isinstance(req.prompt, str):
                 ids = self.model.tokenize(req.prompt)
             else:
-                ids = list(req.prompt or [])
-                bad_ids = [t for t in ids if t >= self.model.engine.n_vocab]
-                if bad_ids:
-                    raise APIError(400, f"prompt token id {bad_ids[0]} is outside the vocabulary "
-                                   f"[0, {self.model.engine.n_vocab})", param="prompt")
+                ids = check_ids(req.prompt or [], self.model.engine.n_vocab, "prompt")
         except (ContextOverflowError, InvalidInputError) as exc:
             raise APIError(400, str(exc), param="messages" if req.kind == "chat" else "prompt",
                            code="context_length_exceeded" if isinstance(exc, ContextOverflowError)
@@ -278,7 +275,7 @@ class Server:
 
     # -- the worker thread ---------------------------------------------------------------
 
-    def _work(self, session: Session, req: GenRequest, job: _Job) -> None:
+    def _work(self, session: Session, req: GenRequest, ids: list[int], job: _Job) -> None:
         result: Result | None = None
         try:
             kwargs = {**req.sampling, "max_tokens": req.max_tokens, "stop": list(req.stop) or None}
@@ -286,8 +283,8 @@ class Server:
                 session.reset()
             if req.kind == "chat":
                 pieces = session.chat(req.messages or [], stream=True, **kwargs)
-            else:
-                pieces = session.stream(req.prompt or "", **kwargs)
+            else:  # the ids tokenized for the length check, not the text again
+                pieces = session.stream(ids, **kwargs)
             try:
                 for piece in pieces:
                     if job.cancel.is_set():
@@ -356,7 +353,7 @@ class Server:
             watcher.cancel()
 
     def _kv_bytes(self) -> int:
-        return int(self.model.memory()["kv"])
+        return sum(s.cache.held_bytes() for s in self.model.sessions)
 
 
 async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
