@@ -98,16 +98,12 @@ def test_onnxruntime_stops_spinning_for_auto() -> None:
         session_options(2).get_session_config_entry(key)  # left to ORT's default (spinning)
 
 
-def test_onnxruntime_spins_unless_other_work_held_cores_at_load() -> None:
-    from tests.fixtures import require
-
-    require("onnxruntime")
-    from edgellm.runtimes.onnxruntime import _spins
+def test_contended_means_other_work_held_cores_at_load() -> None:
     from edgellm.runtimes.threads import ThreadChoice
 
-    assert _spins(ThreadChoice(2, True, "2 of 2 cores idle", 2))  # an idle machine: spin, as fixed
-    assert not _spins(ThreadChoice(1, True, "1 of 2 cores idle", 2))  # a busy one: never spin
-    assert _spins(ThreadChoice(2, False, "asked for"))  # an explicit count is left to ORT
+    assert not ThreadChoice(2, True, "2 of 2 cores idle", 2).contended  # ORT spins, as a fixed count
+    assert ThreadChoice(1, True, "1 of 2 cores idle", 2).contended  # ORT never spins
+    assert not ThreadChoice(2, False, "asked for").contended  # an explicit count is left to ORT
 
 
 def test_openvino_unpins_for_auto() -> None:

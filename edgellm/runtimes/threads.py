@@ -5,9 +5,10 @@ the count is the physical cores this process may run on (``sched_getaffinity``) 
 the share of them that was idle over a short window (``/proc/stat`` through psutil). A
 device running other busy work gets fewer threads: spinning thread pools collapse when a
 peer is descheduled (DESIGN.md: llama.cpp at 2 threads beside one busy process on 2 cores,
-11 tokens/s; at 1 thread, 85). :data:`SPIN` says, per backend, which knob stops its idle
-threads from spinning; backends turn it on only for an automatic count, since an explicit
-count on a dedicated machine is better served by spinning.
+11 tokens/s; at 1 thread, 85). :attr:`ThreadChoice.contended` says when other work held
+cores at load; ONNX Runtime then stops its idle threads from spinning (on an idle machine
+spinning is worth 1.4x there), OpenVINO unpins its threads for any automatic count, and
+llama.cpp's :class:`ThreadTuner` adapts while decoding.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ class ThreadChoice:
     auto: bool
     reason: str
     limit: int = 0
+
+    @property
+    def contended(self) -> bool:
+        """An automatic count below the usable cores: other work held some at load."""
+        return self.auto and self.count < self.limit
 
     def tuner(self, apply: Callable[[int], None]) -> ThreadTuner | None:
         """A :class:`ThreadTuner` over ``1 .. limit`` for an automatic count, else None."""
