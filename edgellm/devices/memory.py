@@ -42,8 +42,9 @@ after each step, in fresh processes, the context filled by the prompt:
 - OpenVINO CPU prefills the whole prompt in one request. With the output projection sliced
   to the last position (``runtimes/ov_logits.py``) the peak grows 58 KiB per prompt token
   (no quadratic attention term: fused SDPA): the KV plus 18 B x (hidden + intermediate), over
-  24 MiB of the request's own buffers: predicted 373 / 403 / 462 MiB, measured 374 / 402 / 463
-  MiB at n_ctx 512 / 1024 / 2048 (int4, prompt n_ctx - 8). Unsliced (the NPU pipeline) it was
+  24 MiB of the request's own buffers: predicted 373 / 402 / 462 MiB, measured 373 / 402 / 463
+  MiB at n_ctx 512 / 1024 / 2048 (int4, prompt n_ctx - 8; ``benchmarks/bench_planner.py``,
+  which measures every backend this way). Unsliced (the NPU pipeline) it was
   0.46 MiB per token: twice the float32 logits per token (2 x vocab x 4) plus 32 B x
   (hidden + intermediate) plus the KV. The rest, at 1000 tokens, minus runtime and tokenizer:
   int4 215, int8 296, fp16 803 MiB for .bin files of 82, 129 and 257 MiB: the file, a float32
