@@ -10,13 +10,17 @@ Rows, per precision:
   exists (``bash benchmarks/setup_ort_genai.sh HF_DIR``: its builder needs transformers 5;
   its int4 is symmetric RTN block 32, accuracy level 4).
 
-Greedy, a fixed number of new tokens, 2 threads, CPU; every run in a fresh process, runs
-interleaved, medians; ratios edgellm-builder / peer. Then, once each (fresh processes):
+Greedy, a fixed number of new tokens, 2 threads (``--threads``), CPU; every run in a fresh
+process, runs interleaved, medians; ratios edgellm-builder / peer, also per round (the two
+target processes back to back). Each edgellm and onnxruntime-genai process times several
+generations and reports their medians: on this VM one process decodes up to ~15% faster or
+slower than the next, for either runtime (memory placement), so the targets get more
+processes than the optimum rows. Then, once each (fresh processes):
 conversion wall time builder vs optimum (parity off), the builder converter's peak RSS
 against its largest tensor, whether torch was imported during a builder conversion, and
 interop: onnxruntime-genai greedy-decodes edgellm's builder folder and must give the same
 tokens as edgellm. Writes the "ONNX" section of ``BENCHMARKS.md``.
-Run: ``python benchmarks/bench_onnx.py [--repeats 5] [--tokens 128]``.
+Run: ``python benchmarks/bench_onnx.py [--repeats 9] [--peer-repeats 3] [--tokens 128] [--threads 2]``.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ PROMPT = ("Write a detailed story about a lighthouse keeper who discovers a mess
           "Describe the sea, the weather and the keeper's thoughts.")
 GENAI_PYTHON = Path(os.environ.get("ORT_GENAI_VENV", "/work/venvs/ort-genai")) / "bin" / "python"
 GENAI_MODELS = Path(os.environ.get("ORT_GENAI_MODELS", "/work/venvs/ort-genai-models"))
-THREADS = 2
+THREADS = int(os.environ.get("EDGELLM_BENCH_THREADS", "2"))  # main() sets it for the children
+RUNS = 3  # timed generations per fresh process (after a warm-up); the process reports medians
 INTEROP_TOKENS = 32
 #: SmolLM2's ChatML turn, written out so both runtimes tokenize the same text (raw story prompts
 #: can make SmolLM2 answer EOS first, which would compare one token).
@@ -54,11 +59,13 @@ def bench_edgellm(path: Path, tokens: int) -> dict[str, float]:
     model = edgellm.load(path, backend="onnxruntime", n_ctx=1024, threads=THREADS)
     load_s = time.perf_counter() - t0
     model.generate(PROMPT, max_tokens=8, temperature=0)  # warm-up
-    model.reset()
-    r = model.generate(PROMPT, max_tokens=tokens, temperature=0, ignore_eos=True)
+    timed = []
+    for _ in range(RUNS):
+        model.reset()
+        timed.append(model.generate(PROMPT, max_tokens=tokens, temperature=0, ignore_eos=True).timings)
     model.close()
-    t = r.timings
-    return {"decode_tps": t.decode_tps, "ttft_ms": t.ttft_ms, "load_s": load_s}
+    return {"decode_tps": statistics.median(t.decode_tps for t in timed),
+            "ttft_ms": statistics.median(t.ttft_ms for t in timed), "load_s": load_s}
 
 
 def edgellm_tokens(path: Path, tokens: int) -> dict[str, list[int]]:
@@ -107,7 +114,7 @@ def _genai(path: Path, tokens: int, show: bool = False) -> dict:
 
     cmd = [str(GENAI_PYTHON), str(ROOT / "benchmarks" / "ort_genai_peer.py"), str(path), "--prompt",
            INTEROP_PROMPT if show else PROMPT, "--tokens", str(tokens), "--threads", str(THREADS)]
-    return run_json(cmd + (["--show-text", "--allow-eos"] if show else []))
+    return run_json(cmd + (["--show-text", "--allow-eos"] if show else ["--runs", str(RUNS)]))
 
 
 def _child(kind: str, path: Path, tokens: int) -> dict[str, float]:
@@ -130,10 +137,17 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _decode(work: Path, src: Path, kinds: list[str], repeats: int, tokens: int) -> tuple[dict, dict, dict]:
+#: The rows the acceptance target compares; they get ``--repeats`` processes, the others
+#: ``--peer-repeats`` (optimum's rows take minutes each and only give context).
+TARGET_KINDS = ("builder", "genai")
+
+
+def _decode(work: Path, src: Path, kinds: list[str], args: argparse.Namespace) -> tuple[dict, ...]:
+    """Convert, then decode in fresh processes, interleaved; medians per row, and every run."""
     from benchmarks.common import run_in_child
 
     med: dict[str, dict[str, dict[str, float]]] = {}
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {}
     sizes: dict[str, dict[str, int]] = {}
     convert: dict[str, dict[str, dict]] = {}
     for quant in ("fp32", "int4"):
@@ -142,13 +156,14 @@ def _decode(work: Path, src: Path, kinds: list[str], repeats: int, tokens: int) 
         paths = {"builder": work / f"{quant}-builder", "edgellm-optimum": work / f"{quant}-optimum",
                  "optimum": work / f"{quant}-optimum", "genai": GENAI_MODELS / quant}
         sizes[quant] = {k: _size(paths[k]) for k in kinds}
-        runs: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
-        for _ in range(repeats):
+        runs[quant] = {k: [] for k in kinds}
+        for i in range(max(args.repeats, args.peer_repeats)):
             for kind in kinds:
-                runs[kind].append(_child(kind, paths[kind], tokens))
+                if i < (args.repeats if kind in TARGET_KINDS else args.peer_repeats):
+                    runs[quant][kind].append(_child(kind, paths[kind], args.tokens))
         med[quant] = {k: {m: statistics.median(r[m] for r in v) for m in ("decode_tps", "ttft_ms", "load_s")}
-                      for k, v in runs.items()}
-    return med, sizes, convert
+                      for k, v in runs[quant].items()}
+    return med, runs, sizes, convert
 
 
 def _interop(work: Path) -> list[str]:
@@ -172,7 +187,11 @@ def _interop(work: Path) -> list[str]:
     return lines
 
 
-def _markdown(med: dict, sizes: dict, convert: dict, interop: list[str], note: str | None,
+def _spread(values: list[float]) -> str:
+    return f"{min(values):.1f}-{max(values):.1f}" if len(values) > 1 else "-"
+
+
+def _markdown(med: dict, runs: dict, sizes: dict, convert: dict, interop: list[str], note: str | None,
               args: argparse.Namespace) -> str:
     from edgellm.profiling.machine import machine_info
 
@@ -183,16 +202,22 @@ def _markdown(med: dict, sizes: dict, convert: dict, interop: list[str], note: s
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {m['cpu_model']}, "
         f"{m['physical_cores']} cores, {m['total_ram_bytes'] / 2**30:.0f} GiB; onnxruntime "
         f"{m['packages'].get('onnxruntime', '?')}. SmolLM2-135M-Instruct; greedy, {args.tokens} new "
-        f"tokens, {THREADS} threads, CPU; median of {args.repeats} interleaved runs, each in a fresh "
-        "process. int4 everywhere: MatMulNBits block 32, accuracy level 4 (edgellm asymmetric, "
+        f"tokens, {THREADS} threads, CPU. Fresh processes, interleaved: {args.repeats} per edgellm-builder "
+        f"and onnxruntime-genai row, {args.peer_repeats} per optimum row; each edgellm and "
+        f"onnxruntime-genai process times {RUNS} generations after a warm-up and reports their medians; "
+        "the table gives the median over processes and the range of the per-process values (one "
+        "process's speed differs from the next by up to ~15% on this VM, whatever the runtime). "
+        "int4 everywhere: MatMulNBits block 32, accuracy level 4 (edgellm asymmetric, "
         "onnxruntime-genai symmetric); the optimum rows run the folder edgellm's optimum exporter wrote. "
         f"The machine is shared ({load}): compare rows, not runs.", "",
-        "| model | runtime | size MiB | decode tok/s | TTFT ms | load s |", "|---|---|---:|---:|---:|---:|",
+        "| model | runtime | size MiB | decode tok/s | decode range | TTFT ms | load s |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for quant, by_kind in med.items():
         for kind, r in by_kind.items():
+            spread = _spread([x["decode_tps"] for x in runs[quant][kind]])
             lines.append(f"| {quant} | {LABELS[kind]} | {sizes[quant][kind] / 2**20:.0f} | "
-                         f"{r['decode_tps']:.1f} | {r['ttft_ms']:.0f} | {r['load_s']:.2f} |")
+                         f"{r['decode_tps']:.1f} | {spread} | {r['ttft_ms']:.0f} | {r['load_s']:.2f} |")
     lines.append("")
     for quant, by_kind in med.items():
         ours = by_kind["builder"]
@@ -200,6 +225,14 @@ def _markdown(med: dict, sizes: dict, convert: dict, interop: list[str], note: s
                   for k in by_kind if k != "builder"]
         lines.append(f"**{quant} decode ratio edgellm-builder / peer: {'; '.join(ratios)}** "
                      "(target vs onnxruntime-genai >= 1.0).")
+        if "genai" in by_kind:
+            pairs = [b["decode_tps"] / g["decode_tps"]
+                     for b, g in zip(runs[quant]["builder"], runs[quant]["genai"], strict=False)]
+            wins = sum(r >= 1.0 for r in pairs)
+            lines.append(f"Per round (the two processes run back to back): ratio median "
+                         f"{statistics.median(pairs):.3f}, range {min(pairs):.3f}-{max(pairs):.3f}, "
+                         f"edgellm ahead in {wins} of {len(pairs)}; TTFT ratio "
+                         f"{ours['ttft_ms'] / by_kind['genai']['ttft_ms']:.3f} (lower is better).")
     lines += ["", "Conversion (`edgellm.convert(..., format='onnx', verify=False)`, one fresh process each):",
               "",
               "| quant | exporter | wall s | peak RSS MiB | largest tensor MiB | torch imported |",
@@ -223,10 +256,16 @@ def _markdown(med: dict, sizes: dict, convert: dict, interop: list[str], note: s
 
 
 def main() -> None:
+    global THREADS  # noqa: PLW0603 - one setting for this process and (through the env) its children
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9,
+                        help="fresh processes per target row (edgellm builder, onnxruntime-genai)")
+    parser.add_argument("--peer-repeats", type=int, default=3, help="fresh processes per optimum row")
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=THREADS)
     args = parser.parse_args()
+    THREADS = args.threads
+    os.environ["EDGELLM_BENCH_THREADS"] = str(args.threads)
     args.load_start = os.getloadavg()[0]
 
     from benchmarks.bench_gguf import update_benchmarks_md
@@ -236,11 +275,11 @@ def main() -> None:
     kinds = ["builder", "edgellm-optimum", "optimum"] + (["genai"] if note is None else [])
     work = Path(tempfile.mkdtemp(prefix="bench-onnx-"))
     try:
-        med, sizes, convert = _decode(work, smollm2_hf_dir(), kinds, args.repeats, args.tokens)
+        med, runs, sizes, convert = _decode(work, smollm2_hf_dir(), kinds, args)
         interop = _interop(work) if note is None else []
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    section = _markdown(med, sizes, convert, interop, note, args)
+    section = _markdown(med, runs, sizes, convert, interop, note, args)
     update_benchmarks_md(section)
     print(section)
 
