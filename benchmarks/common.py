@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -12,9 +13,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_json(cmd: list[str]) -> dict[str, float]:
-    """Run ``cmd`` in a fresh process; its last stdout line is a JSON object of measurements."""
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+def run_json(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, float]:
+    """Run ``cmd`` in a fresh process (``env``: variables added to ours); its last stdout line is
+    a JSON object of measurements."""
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                         env={**os.environ, **env} if env else None)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -647,3 +647,25 @@ def test_kv_precision_must_match_the_graph(onnx_dir, llama_f16: Path) -> None:
 
 def test_sliding_shift_matches_llamacpp(onnx_dir, tiny_model, tmp_path: Path) -> None:
     session_checks.check_shift_matches_llamacpp(_ort_loader(onnx_dir("llama")), tiny_model("llama"), tmp_path)
+
+
+def test_huge_pages_option(onnx_dir) -> None:
+    """Default on (the weights ONNX Runtime copied are collapsed, or the reason it could not be
+    done is given); off on request; anything but a bool refused with the value and the fix."""
+    folder = onnx_dir("llama")
+    rt = _open(folder)
+    try:
+        report = rt.info()["huge_pages"]
+        assert report["status"] == "collapsed" or report["status"].startswith("skipped: ")
+        assert set(report) == {"status", "collapsed_mib", "ranges", "ms"}
+    finally:
+        rt.close()
+    rt = _open(folder, extra={"huge_pages": False})
+    try:
+        assert rt.info()["huge_pages"] == {"status": "off (huge_pages=False)"}
+    finally:
+        rt.close()
+    with pytest.raises(errors.InvalidInputError) as exc:
+        _open(folder, extra={"huge_pages": "no"})
+    _assert_one_line(exc.value, "model.onnx")
+    assert "got 'no'" in str(exc.value) and "huge_pages=False" in str(exc.value)

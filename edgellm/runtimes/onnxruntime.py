@@ -58,9 +58,11 @@ from edgellm.kvcache import KVAbility, KVCache
 from edgellm.kvcache.arrays import pack_arrays, release_freed_memory, unpack_arrays
 from edgellm.kvcache.rope import rotate_keys, shift_frequencies
 from edgellm.runtimes.base import RuntimeOptions, file_fingerprint
+from edgellm.runtimes.hugepages import collapse_resident
 from edgellm.runtimes.onnx_files import _SUBMESSAGES, ExternalData, external_data_files  # noqa: F401
 from edgellm.runtimes.ort_setup import (  # noqa: F401 - re-exported: this module is the backend's face
     _CAUGHT,
+    _CPU,
     _ORT_ERRORS,
     AUTO_ORDER,
     DEVICE_PROVIDERS,
@@ -151,7 +153,12 @@ class ORTEngine:
         self.default_ctx = options.context_for(self.spec)
         self.max_ctx = self.spec.max_positions
         self.n_batch = _positive(options.extra.get("n_batch", _DEFAULT_N_BATCH), "n_batch")
+        want_huge = options.extra.get("huge_pages", True)
+        if not isinstance(want_huge, bool):
+            raise InvalidInputError(f"{self.path}: huge_pages must be True or False, got {want_huge!r}; "
+                                    "pass huge_pages=False to keep the weights in 4 KiB pages")
         self._session = self._open_session()
+        self.huge_pages = self._collapse_weights(want_huge)
         self._inputs = {i.name: i for i in self._session.get_inputs()}
         self.slots = self._kv_slots()
         self.kv_dtype = self._kv_type()
@@ -192,6 +199,18 @@ class ORTEngine:
                                         providers=self.requested_providers)
         except _CAUGHT as exc:
             raise translate_error(exc, self.path, "to load the model") from None
+
+    def _collapse_weights(self, wanted: bool) -> dict[str, Any]:
+        """Move the weights ONNX Runtime copied into its heap onto huge pages (CPU, Linux):
+        decode reads all of them every token (:mod:`edgellm.runtimes.hugepages`)."""
+        if not wanted:
+            return {"status": "off (huge_pages=False)"}
+        if self.requested_providers[0] != _CPU:
+            return {"status": f"skipped: the weights are on {self.requested_providers[0]}"}
+        report = collapse_resident()
+        logger.info("%s: huge pages %s, %.0f MiB in %.0f ms", self.path, report.status,
+                    report.bytes / 2**20, report.seconds * 1e3)
+        return report.to_dict()
 
     def _kv_slots(self) -> list[_KVSlot]:
         """The graph's KV tensors, checked: every past input has its present output."""
@@ -295,6 +314,7 @@ class ORTEngine:
             "model_file": str(self.path),
             "external_data": sorted({r.location for r in self.external_data}),
             "onnxruntime_version": ort.__version__,
+            "huge_pages": self.huge_pages,
         }
 
     def close(self) -> None:
