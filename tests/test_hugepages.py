@@ -8,6 +8,7 @@ nothing and say why; the tests check whichever of the two this host is.
 
 from __future__ import annotations
 
+import ctypes
 import platform
 import re
 
@@ -19,8 +20,9 @@ from edgellm.runtimes import hugepages
 MIB = 2**20
 
 
-def _mapping(addr: int) -> dict[str, int]:
-    """The smaps counters (kB) of the mapping holding ``addr``."""
+def _mapping(array: np.ndarray) -> dict[str, int]:
+    """The smaps counters (kB) of the mapping holding the middle of ``array``."""
+    addr = array.ctypes.data + array.nbytes // 2
     fields: dict[str, int] = {}
     inside = False
     with open("/proc/self/smaps", encoding="ascii") as smaps:
@@ -37,6 +39,18 @@ def _mapping(addr: int) -> dict[str, int]:
     return fields
 
 
+def _own_mapping(array: np.ndarray) -> np.ndarray:
+    """Give ``array``'s pages a mapping of their own (MADV_DONTDUMP changes only core dumps), so
+    smaps counts them apart from neighbouring memory the kernel would otherwise merge in (two
+    such arrays are never adjacent: malloc's header page sits between them)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    start = (array.ctypes.data + 4095) & ~4095
+    end = (array.ctypes.data + array.nbytes) & ~4095
+    assert libc.madvise(start, end - start, 16) == 0  # MADV_DONTDUMP
+    return array
+
+
 def _kernel_has_collapse() -> bool:
     major, minor = (int(x) for x in re.findall(r"\d+", platform.release())[:2])
     return (major, minor) >= (6, 1)
@@ -45,37 +59,36 @@ def _kernel_has_collapse() -> bool:
 @pytest.fixture
 def small_pages():
     """numpy's own MADV_HUGEPAGE for large arrays off, so arrays start in 4 KiB pages."""
-    setter = getattr(np._core.multiarray if hasattr(np, "_core") else np.core.multiarray,
-                     "_set_madvise_hugepage")
+    setter = (np._core.multiarray if hasattr(np, "_core") else np.core.multiarray)._set_madvise_hugepage
     before = setter(False)
     yield
     setter(before)
 
 
 def test_resident_memory_moves_onto_huge_pages_with_its_contents(small_pages) -> None:
-    data = np.arange(8 * MIB, dtype=np.float32)  # 32 MiB, every page written
+    data = _own_mapping(np.arange(10 * MIB, dtype=np.float32))  # 40 MiB, every page written
     expected = float(data.sum(dtype=np.float64))
-    before = _mapping(data.ctypes.data)
+    before = _mapping(data)
     report = hugepages.collapse_resident()
-    after = _mapping(data.ctypes.data)
+    after = _mapping(data)
     assert float(data.sum(dtype=np.float64)) == expected and data[12345] == 12345
     if hugepages._unsupported() or not _kernel_has_collapse():
         assert report.status.startswith("skipped: ") and report.bytes == 0
         return
     assert report.status == "collapsed", report
     assert before["AnonHugePages"] == 0
-    assert after["AnonHugePages"] >= 28 * 1024  # 32 MiB less the unaligned ends
+    assert after["AnonHugePages"] >= 36 * 1024  # 40 MiB less the unaligned ends
     assert report.bytes >= after["AnonHugePages"] * 1024 - 4 * MIB
     assert after["Rss"] - before["Rss"] <= 2 * 1024  # no hole was filled to speak of
     assert report.to_dict()["collapsed_mib"] == round(report.bytes / MIB, 1)
 
 
 def test_sparse_memory_is_left_alone(small_pages) -> None:
-    sparse = np.zeros(8 * MIB, dtype=np.float32)  # 32 MiB reserved, nothing committed yet
+    sparse = _own_mapping(np.zeros(10 * MIB, dtype=np.float32))  # 40 MiB, nothing committed
     sparse[:: (2 * MIB) // 4] = 1.0  # one page in every 2 MiB
-    before = _mapping(sparse.ctypes.data)
+    before = _mapping(sparse)
     hugepages.collapse_resident()
-    after = _mapping(sparse.ctypes.data)
+    after = _mapping(sparse)
     assert after.get("AnonHugePages", 0) == 0
     assert after["Rss"] == before["Rss"]  # no range was filled in
 
@@ -94,3 +107,16 @@ def test_thp_set_to_never_is_reported(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(hugepages, "_THP_ENABLED", fake)
     monkeypatch.setattr(hugepages.sys, "platform", "linux")
     assert hugepages.collapse_resident().status == "skipped: transparent huge pages are set to never"
+
+
+def test_ranges_resident_before_a_load_are_skipped(small_pages) -> None:
+    """The host's own memory (resident before the model loaded) is not collapsed."""
+    if hugepages._unsupported() or not _kernel_has_collapse():
+        assert hugepages.resident_ranges() == frozenset() or not _kernel_has_collapse()
+        return
+    host = _own_mapping(np.arange(10 * MIB, dtype=np.float32))  # resident before the "load"
+    before = hugepages.resident_ranges()
+    loaded = _own_mapping(np.arange(10 * MIB, dtype=np.float32))  # what the "load" added
+    hugepages.collapse_resident(skip=before)
+    assert _mapping(host).get("AnonHugePages", 0) == 0
+    assert _mapping(loaded)["AnonHugePages"] >= 36 * 1024

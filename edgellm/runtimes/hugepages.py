@@ -12,13 +12,14 @@ the same test); a library cannot set that after its host process started, so
 :func:`collapse_resident` does it after the fact with ``madvise(MADV_COLLAPSE)`` (Linux 6.1+),
 which copies each 2 MiB range into one huge page, synchronously.
 
-Only ranges that are already resident (by ``mincore``, at least :data:`MIN_RESIDENT` of their
-pages) are collapsed, so resident memory grows by at most the holes of those ranges (measured:
-0-2 MiB on 150 MiB) and a sparse buffer (a KV cache whose pages are committed as the context
-fills) is left alone. Nothing changes but where the bytes sit: contents and addresses are the
-same. On another OS, an older kernel or with THP set to ``never`` it does nothing and says why.
-The same collapse did not speed up llama.cpp (weights read from the mmapped GGUF) or OpenVINO
-measurably, so only the ONNX Runtime backend asks for it.
+Only ranges the load added (:func:`resident_ranges` is taken before it) and that are
+resident (by ``mincore``, at least :data:`MIN_RESIDENT` of their pages) are collapsed, so
+the host application's own memory is not touched, resident memory grows by at most the holes
+of those ranges (measured: 0-2 MiB on 150 MiB), and a sparse buffer (a KV cache whose pages
+are committed as the context fills) is left alone. Nothing changes but where the bytes sit:
+contents and addresses are the same. On another OS, an older kernel or with THP set to
+``never`` it does nothing and says why. The same collapse did not speed up llama.cpp (no
+mmap) or OpenVINO measurably, so only the ONNX Runtime backend asks for it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MIN_RESIDENT", "HugePageReport", "collapse_resident"]
+__all__ = ["MIN_RESIDENT", "HugePageReport", "collapse_resident", "resident_ranges"]
 
 _HUGE = 2 << 20  # x86-64 and arm64 (4 KiB base pages) PMD size
 _PAGE = 4096
@@ -85,26 +86,53 @@ def _anonymous_ranges() -> list[tuple[int, int]]:
     return spans
 
 
-def collapse_resident(min_resident: float = MIN_RESIDENT) -> HugePageReport:
+class _Libc:
+    """``madvise`` and ``mincore`` through ctypes, and one reusable residency vector."""
+
+    def __init__(self) -> None:
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self.libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+        self.vec = ctypes.create_string_buffer(_HUGE // _PAGE)
+
+    def resident(self, addr: int) -> int:
+        """Resident 4 KiB pages of the 2 MiB range at ``addr`` (0 if it is gone)."""
+        if self.libc.mincore(addr, _HUGE, self.vec) != 0:
+            return 0
+        return _HUGE // _PAGE - self.vec.raw.count(0)
+
+
+def resident_ranges(min_resident: float = MIN_RESIDENT) -> frozenset[int]:
+    """Start addresses of the 2 MiB anonymous ranges resident now (empty where unsupported).
+
+    Taken before a model loads, it lets :func:`collapse_resident` touch only what the load
+    added, not the host application's own memory.
+    """
+    if _unsupported():
+        return frozenset()
+    libc, need = _Libc(), int(min_resident * (_HUGE // _PAGE))
+    return frozenset(a for lo, hi in _anonymous_ranges() for a in range(lo, hi, _HUGE)
+                     if libc.resident(a) >= need)
+
+
+def collapse_resident(min_resident: float = MIN_RESIDENT,
+                      skip: frozenset[int] = frozenset()) -> HugePageReport:
     """Collapse every mostly-resident 2 MiB range of anonymous memory into a huge page.
 
-    Never raises: a kernel that refuses (no ``MADV_COLLAPSE``, no memory for a huge page right
-    now) leaves the memory as it was, and the report says so.
+    ``skip``: ranges to leave alone (:func:`resident_ranges` from before a load). Never raises:
+    a kernel that refuses (no ``MADV_COLLAPSE``, no memory for a huge page right now) leaves the
+    memory as it was, and the report says so.
     """
     reason = _unsupported()
     if reason:
         return HugePageReport(f"skipped: {reason}")
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    need = int(min_resident * (_HUGE // _PAGE))
-    vec = ctypes.create_string_buffer(_HUGE // _PAGE)
+    libc, need = _Libc(), int(min_resident * (_HUGE // _PAGE))
     started, ranges, failed = time.perf_counter(), 0, 0
     for start, end in _anonymous_ranges():
         for addr in range(start, end, _HUGE):
-            if libc.mincore(addr, _HUGE, vec) != 0 or _HUGE // _PAGE - vec.raw.count(0) < need:
-                continue  # unmapped meanwhile, or sparse
-            if libc.madvise(addr, _HUGE, _MADV_COLLAPSE) == 0:
+            if addr in skip or libc.resident(addr) < need:
+                continue  # the host's own, unmapped meanwhile, or sparse
+            if libc.libc.madvise(addr, _HUGE, _MADV_COLLAPSE) == 0:
                 ranges += 1
                 continue
             err = ctypes.get_errno()

@@ -58,7 +58,7 @@ from edgellm.kvcache import KVAbility, KVCache
 from edgellm.kvcache.arrays import pack_arrays, release_freed_memory, unpack_arrays
 from edgellm.kvcache.rope import rotate_keys, shift_frequencies
 from edgellm.runtimes.base import RuntimeOptions, file_fingerprint
-from edgellm.runtimes.hugepages import collapse_resident
+from edgellm.runtimes.hugepages import collapse_resident, resident_ranges
 from edgellm.runtimes.onnx_files import _SUBMESSAGES, ExternalData, external_data_files  # noqa: F401
 from edgellm.runtimes.ort_setup import (  # noqa: F401 - re-exported: this module is the backend's face
     _CAUGHT,
@@ -157,8 +157,9 @@ class ORTEngine:
         if not isinstance(want_huge, bool):
             raise InvalidInputError(f"{self.path}: huge_pages must be True or False, got {want_huge!r}; "
                                     "pass huge_pages=False to keep the weights in 4 KiB pages")
+        before = resident_ranges() if want_huge else frozenset()
         self._session = self._open_session()
-        self.huge_pages = self._collapse_weights(want_huge)
+        self.huge_pages = self._collapse_weights(want_huge, before)
         self._inputs = {i.name: i for i in self._session.get_inputs()}
         self.slots = self._kv_slots()
         self.kv_dtype = self._kv_type()
@@ -200,14 +201,14 @@ class ORTEngine:
         except _CAUGHT as exc:
             raise translate_error(exc, self.path, "to load the model") from None
 
-    def _collapse_weights(self, wanted: bool) -> dict[str, Any]:
+    def _collapse_weights(self, wanted: bool, before: frozenset[int]) -> dict[str, Any]:
         """Move the weights ONNX Runtime copied into its heap onto huge pages (CPU, Linux):
         decode reads all of them every token (:mod:`edgellm.runtimes.hugepages`)."""
         if not wanted:
             return {"status": "off (huge_pages=False)"}
         if self.requested_providers[0] != _CPU:
             return {"status": f"skipped: the weights are on {self.requested_providers[0]}"}
-        report = collapse_resident()
+        report = collapse_resident(skip=before)  # what the load added, not the host's own memory
         logger.info("%s: huge pages %s, %.0f MiB in %.0f ms", self.path, report.status,
                     report.bytes / 2**20, report.seconds * 1e3)
         return report.to_dict()
