@@ -78,6 +78,21 @@ def test_dequantized_folder_computes_what_the_source_did(arch: str, tiny_gguf_of
     np.testing.assert_array_equal(got, want)
 
 
+def test_phi3_longrope_factors_come_back_into_the_config(tmp_path: Path) -> None:
+    """Phi-3 longrope: llama.cpp keeps the factors as tensors; they must return as rope_scaling
+    (with original_max_position_embeddings), or logits past the original context differ."""
+    head_pairs = 8  # head_dim 16 / 2
+    rope = {"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(head_pairs)],
+            "long_factor": [2.0 + 0.5 * i for i in range(head_pairs)]}
+    hf = tiny_models.build_tiny_model("phi3", tmp_path / "hf", config_overrides={
+        "rope_scaling": rope, "original_max_position_embeddings": 128})
+    gguf = edgellm.convert(hf, tmp_path / "g", format="gguf", quant="F32", verify=False).model_file
+    dequantize_gguf(gguf, tmp_path / "back")
+    ids = list(range(3, 203))  # past original_max_position_embeddings: the long factors apply
+    np.testing.assert_array_equal(tiny_models.reference_logits(tmp_path / "back", ids),
+                                  tiny_models.reference_logits(hf, ids))
+
+
 def test_llamacpp_laid_out_file_runs_alike_in_transformers(tmp_path: Path) -> None:
     from edgellm.runtimes.base import RuntimeOptions, open_runtime
 

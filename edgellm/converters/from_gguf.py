@@ -227,38 +227,56 @@ def check_tokenizer(out_dir: Path, gguf_path: Path) -> dict[str, Any]:
 DTYPES = {"float32": "F32", "float16": "F16"}
 
 
-def dequantize_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> dict[str, Any]:
+def dequantize_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32", *,
+                    weights: bool = True) -> dict[str, Any]:
     """Write a Hugging Face checkpoint of ``gguf_path`` into ``out_dir``; return provenance.
 
-    No torch and no transformers: tensors are dequantized one at a time by gguf-py and
-    streamed into ``model.safetensors`` (:mod:`~edgellm.converters.gguf_tensors`), the config
-    comes from the metadata (:mod:`~edgellm.converters.gguf_config`), the tokenizer is built
-    from the metadata and checked against llama.cpp. Raises an edgellm error (one line, naming
-    the file) when any step cannot be done faithfully.
+    No torch and no transformers: the config comes from the metadata
+    (:mod:`~edgellm.converters.gguf_config`), the tokenizer is built from the metadata and
+    checked against llama.cpp, and (unless ``weights`` is false: a reader that takes
+    :class:`~edgellm.converters.gguf_tensors.GGUFTensors` directly needs only the rest) the
+    tensors are dequantized one at a time by gguf-py and streamed into ``model.safetensors``
+    (:func:`write_gguf_weights`). Raises an edgellm error (one line, naming the file) when any
+    step cannot be done faithfully; a refused config leaves nothing behind.
     """
     from importlib.metadata import version
 
     from edgellm.converters.gguf_config import generation_config, hf_config
     from edgellm.converters.gguf_tensors import GGUFTensors
-    from edgellm.converters.safetensors import write_safetensors
 
-    if dtype not in DTYPES:
-        raise InvalidInputError(f"dtype {dtype!r} cannot be written; use one of: {', '.join(DTYPES)}")
+    _check_dtype(dtype)
     started = time.perf_counter()
     header = read_gguf_header(gguf_path, full_lists=True)
     tensors = GGUFTensors(gguf_path, header)
-    config = hf_config(tensors)  # before any file: a refused config leaves nothing behind
+    config = hf_config(tensors)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(out_dir / "config.json", config)
     _write_json(out_dir / "generation_config.json", generation_config(tensors))
     summary = write_tokenizer_files(out_dir, header.metadata, gguf_path)
-    largest = write_safetensors(out_dir / "model.safetensors", tensors, DTYPES[dtype])
-    check = check_tokenizer(out_dir, gguf_path)
-    seconds = round(time.perf_counter() - started, 1)
-    logger.info("dequantized %s into %s in %.1fs", gguf_path, out_dir, seconds)
-    return {"dtype": dtype, "by": f"edgellm with gguf-py {version('gguf')} (no torch)",
-            "tokenizer": summary, "tokenizer_check": check, "seconds": seconds,
-            "largest_tensor_bytes": largest}
+    info: dict[str, Any] = {"by": f"edgellm with gguf-py {version('gguf')} (no torch)", "tokenizer": summary,
+                            "tokenizer_check": check_tokenizer(out_dir, gguf_path)}
+    if weights:
+        info.update(write_gguf_weights(gguf_path, out_dir, dtype, tensors))
+    info["seconds"] = round(time.perf_counter() - started, 1)
+    logger.info("dequantized %s into %s in %.1fs", gguf_path, out_dir, info["seconds"])
+    return info
+
+
+def write_gguf_weights(gguf_path: Path, out_dir: Path, dtype: str = "float32",
+                       tensors: Any = None) -> dict[str, Any]:
+    """Stream the dequantized tensors of ``gguf_path`` into ``out_dir/model.safetensors``."""
+    from edgellm.converters.gguf_tensors import GGUFTensors
+    from edgellm.converters.safetensors import write_safetensors
+
+    _check_dtype(dtype)
+    source = tensors or GGUFTensors(gguf_path)
+    largest = write_safetensors(out_dir / "model.safetensors", source, DTYPES[dtype])
+    return {"dtype": dtype, "largest_tensor_bytes": largest}
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise InvalidInputError(f"dtype {dtype!r} cannot be written; use one of: {', '.join(DTYPES)}")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -54,7 +54,7 @@ def _phi3(src: GGUFTensors) -> Config:
     cfg["original_max_position_embeddings"] = int(orig or src.spec.max_positions)
     long, short = src.aux("rope_factors_long.weight"), src.aux("rope_factors_short.weight")
     if long is not None and short is not None:
-        cfg["rope_scaling"] = {"rope_type": "longrope", "long_factor": long.tolist(),
+        cfg["rope_scaling"] = {"type": "longrope", "long_factor": long.tolist(),  # Phi3Config wants "type"
                                "short_factor": short.tolist()}
     return cfg
 
