@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,26 @@ def test_phi3_longrope_factors_come_back_into_the_config(tmp_path: Path) -> None
                                   tiny_models.reference_logits(hf, ids))
 
 
+@pytest.mark.parametrize("low_high", [(1.0, 4.0), (2.0, 16.0)])
+def test_llama3_rope_freqs_come_back_as_rope_scaling(low_high: tuple[float, float], tmp_path: Path) -> None:
+    """llama.cpp stores Llama 3.1 smoothing as divisors only: Meta's band (1, 4) is tried first,
+    another band is fitted from the smoothed divisors (theta 1e4: two of them in the band)."""
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": low_high[0],
+            "high_freq_factor": low_high[1], "original_max_position_embeddings": 512}
+    hf = tiny_models.build_tiny_model("llama", tmp_path / "hf", config_overrides={
+        "rope_scaling": rope, "rope_theta": 10000.0, "max_position_embeddings": 4096})
+    gguf = edgellm.convert(hf, tmp_path / "g", format="gguf", quant="F32", verify=False).model_file
+    dequantize_gguf(gguf, tmp_path / "back")
+    back = json.loads((tmp_path / "back" / "config.json").read_text())["rope_scaling"]
+    assert back["rope_type"] == "llama3" and back["factor"] == 8.0
+    ids = list(range(3, 203))
+    np.testing.assert_allclose(tiny_models.reference_logits(tmp_path / "back", ids),
+                               tiny_models.reference_logits(hf, ids), atol=1e-5)
+    parity = edgellm.convert(gguf, tmp_path / "onnx", format="onnx", exporter="builder",
+                             verify_with=hf).manifest["parity"]  # the builder's llama3 tables too
+    assert parity["max_abs_logit_diff"] <= 1e-3 and parity["top1_agreement"] == 1.0, parity
+
+
 def test_llamacpp_laid_out_file_runs_alike_in_transformers(tmp_path: Path) -> None:
     from edgellm.runtimes.base import RuntimeOptions, open_runtime
 
@@ -132,8 +153,9 @@ FALCON = {"general.architecture": ("falcon", STRING), "falcon.block_count": (tin
                                       r"gguf-py cannot dequantize.*re-quantize"),
     ({"kv": FALCON},
      errors.UnsupportedArchitectureError, r"GGUF architecture 'falcon' is not supported; supported: llama"),
-    ({"raw_tensors": {"rope_freqs.weight": (np.ones(8, np.float32), F32)}},
-     errors.ConversionError, r"t.gguf: the GGUF carries Llama 3.1 rope frequency factors.*original Hugging"),
+    ({"raw_tensors": {"rope_freqs.weight": (np.array([1, 3, 2, 8, 1, 5, 8, 8], np.float32), F32)}},
+     errors.ConversionError, r"t.gguf: the GGUF's rope_freqs tensor holds frequency divisors that no Llama "
+                             r"3.1 rope_scaling reproduces.*original Hugging"),
     ({"raw_tensors": {"blk.0.ffn_gate_exps.weight": (np.ones((2, 64), np.float32), F32)}},
      errors.ConversionError, r"tensor 'blk.0.ffn_gate_exps.weight' has no Hugging Face name in a llama"),
     ({"kv": {"tokenizer.ggml.model": ("bert", STRING)}},

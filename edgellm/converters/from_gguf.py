@@ -13,8 +13,8 @@ could not run).
 This replaced transformers' GGUF loader (4.57), which got the weights right but not the
 tokenizer (it dropped the pre-tokenizer's digit splitting and regex, prepended BOS whatever
 the GGUF said, could name the wrong EOS) and not Llama 3.1's rope frequency factors (dropped
-silently; refused here, see ``gguf_config``); tests/test_gguf_source.py checks the weights
-are still the ones it reads.
+silently; recovered into ``rope_scaling`` here, see ``gguf_config``); tests/test_gguf_source.py
+checks the weights are still the ones it reads.
 """
 
 from __future__ import annotations

@@ -11,18 +11,21 @@ llama.cpp computes it, citing ``src/llama-model.cpp``:
 * Gemma sliding layers: the ``sliding_window_pattern`` array when the file has one, else
   llama.cpp's default pattern (Gemma 2: every other layer, Gemma 3: five of six), which is
   also transformers' default, so ``layer_types`` is then left out;
-* Phi-3 longrope: the ``rope_factors_long/short`` tensors are the config's factor lists.
-
-Llama 3.1 frequency smoothing is refused: llama.cpp keeps only the resulting ``rope_freqs``
-tensor, not the four parameters transformers' ``rope_scaling`` needs (transformers' own GGUF
-loader drops the tensor and the scaling with it).
+* Phi-3 longrope: the ``rope_factors_long/short`` tensors are the config's factor lists;
+* Llama 3.1 frequency smoothing: llama.cpp keeps only the resulting ``rope_freqs`` divisors,
+  not the four parameters transformers' ``rope_scaling`` needs; parameters that recompute every
+  divisor are found (Meta's, or fitted) or the file is refused. (transformers' own GGUF loader
+  drops the tensor, and the scaling with it, silently.)
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from edgellm.converters.gguf_tensors import GGUFTensors
 from edgellm.errors import ConversionError
@@ -85,13 +88,58 @@ def _gemma3(src: GGUFTensors) -> Config:
     return cfg
 
 
+def _llama3_candidates(freqs: np.ndarray, theta: float, dim: int,
+                       orig: int) -> list[tuple[float, float, int]]:
+    """(low_freq_factor, high_freq_factor, original context) to try, Meta's band (1, 4) first.
+
+    In the smoothed band ``smooth = (orig / wavelen - low) / (high - low)`` is linear in
+    1/wavelength: one smoothed divisor gives the original context for Meta's band, two or
+    more fit any band (the context can then be any: the boundaries do not depend on it).
+    """
+    factor = float(freqs.max())
+    inv_wavelen = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)) / (2 * math.pi)
+    mid = (freqs > 1 + 1e-6) & (freqs < factor - 1e-6)
+    smooth = (1 / freqs[mid] - 1 / factor) / (1 - 1 / factor)
+    out = [(1.0, 4.0, orig)]
+    if mid.any():
+        out.append((1.0, 4.0, int(round((3 * smooth[0] + 1) / inv_wavelen[mid][0]))))
+    if mid.sum() >= 2:
+        a, b = np.polyfit(inv_wavelen[mid], smooth, 1)  # a = orig / (high - low), b = -low / (high - low)
+        out.append((-b * orig / a, (1 - b) * orig / a, orig))
+    return out
+
+
+def _llama3_rope(src: GGUFTensors, freqs: np.ndarray) -> Config | None:
+    """The Llama 3.1 ``rope_scaling`` that reproduces llama.cpp's ``rope_freqs`` divisors.
+
+    llama.cpp keeps only the divisors; the four parameters are not unique, so a candidate
+    (:func:`_llama3_candidates`) is kept only when it recomputes every divisor; none does ->
+    refused.
+    """
+    from edgellm.kvcache.rope import llama3_factors
+
+    if np.allclose(freqs, 1.0):
+        return None
+    spec = src.spec
+    dim = int(_meta(src, "rope.dimension_count") or spec.head_dim)
+    orig = int(_meta(src, "rope.scaling.original_context_length") or 8192)  # Llama 3's pre-scaling context
+    for low, high, ctx in _llama3_candidates(freqs, spec.rope_theta, dim, orig):
+        rope = {"rope_type": "llama3", "factor": float(freqs.max()), "low_freq_factor": float(low),
+                "high_freq_factor": float(high), "original_max_position_embeddings": ctx}
+        if np.allclose(llama3_factors(rope, spec.rope_theta, dim), freqs, rtol=1e-4, atol=0):
+            return rope
+    raise ConversionError(
+        f"{src.path}: the GGUF's rope_freqs tensor holds frequency divisors that no Llama 3.1 "
+        "rope_scaling reproduces, so no Hugging Face config can say them; convert from the original "
+        "Hugging Face checkpoint")
+
+
 def _llama(src: GGUFTensors) -> Config:
-    if src.aux("rope_freqs.weight") is not None:
-        raise ConversionError(
-            f"{src.path}: the GGUF carries Llama 3.1 rope frequency factors (rope_freqs) but not the "
-            "rope_scaling parameters they were computed from, which a Hugging Face config needs; "
-            "convert from the original Hugging Face checkpoint")
-    return {"attention_bias": "model.layers.0.self_attn.q_proj.bias" in src, "mlp_bias": False}
+    cfg: Config = {"attention_bias": "model.layers.0.self_attn.q_proj.bias" in src, "mlp_bias": False}
+    freqs = src.aux("rope_freqs.weight")
+    if freqs is not None:
+        cfg["rope_scaling"] = _llama3_rope(src, freqs.astype(np.float64))
+    return cfg
 
 
 @dataclass(frozen=True)
