@@ -114,6 +114,17 @@ def test_llama3_rope_freqs_come_back_as_rope_scaling(low_high: tuple[float, floa
     assert parity["max_abs_logit_diff"] <= 1e-3 and parity["top1_agreement"] == 1.0, parity
 
 
+def test_verify_against_a_gguf_runs_llamacpp(tiny_gguf_of, tmp_path: Path) -> None:
+    require("llama_cpp", "onnx")
+    gguf = tiny_gguf_of("qwen3", "F32")
+    art = edgellm.convert(gguf, tmp_path / "o", format="onnx", exporter="builder", verify=False)
+    report = edgellm.verify(art.path, gguf, prompts=["The capital of France is"])
+    assert (report.reference_by, report.reference, report.n_prompts) == ("llama.cpp", str(gguf), 1)
+    # an F32 GGUF: llama.cpp's mixed precision only (tests/test_gguf_architectures.py's F32 bound)
+    assert report.top1_agreement == 1.0 and report.max_abs_logit_diff < 0.1
+    assert edgellm.inspect(art.path)["parity"]["reference_by"] == "llama.cpp"  # recorded
+
+
 def test_llamacpp_laid_out_file_runs_alike_in_transformers(tmp_path: Path) -> None:
     from edgellm.runtimes.base import RuntimeOptions, open_runtime
 
