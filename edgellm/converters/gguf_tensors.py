@@ -25,6 +25,7 @@ Peak memory is one tensor: its raw bytes plus its float32 copy.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -98,22 +99,33 @@ def _name_table(path: Path, spec: ModelSpec, gguf_arch: str) -> dict[str, str]:
     return table
 
 
-def _check_type(path: Path, entry: TensorEntry) -> None:
-    """A tensor gguf-py cannot dequantize is refused before anything is written."""
+@functools.cache
+def _dequantizable(type_id: int) -> bool:
+    """Whether gguf-py dequantizes GGML type ``type_id`` (asked of gguf-py with one zero block)."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize
 
-    qtype = GGMLQuantizationType(entry.type_id)
+    qtype = GGMLQuantizationType(type_id)
     if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.F64):
-        return
+        return True
     try:
         dequantize(np.zeros((1, GGML_QUANT_SIZES[qtype][1]), np.uint8), qtype)
     except NotImplementedError:
+        return False
+    return True
+
+
+def _check_type(path: Path, entry: TensorEntry) -> None:
+    """A tensor gguf-py cannot dequantize is refused before anything is written."""
+    from gguf.constants import GGMLQuantizationType
+
+    if not _dequantizable(entry.type_id):
+        qtype = GGMLQuantizationType(entry.type_id)
         raise UnknownQuantizationError(
             f"{path}: tensor {entry.name!r} is stored as {qtype.name}, which gguf-py cannot dequantize "
             "(it reads F32, F16, BF16, Q4_0..Q8_0, the K-quants and the IQ types); re-quantize the GGUF "
             "with llama-quantize or convert from the Hugging Face checkpoint"
-        ) from None
+        )
 
 
 class GGUFTensors:
