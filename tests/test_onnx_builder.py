@@ -281,6 +281,7 @@ def test_gguf_source_is_read_directly_and_parity_uses_the_given_reference(tiny_m
     m = art.manifest
     assert m["source"]["source_kind"] == "gguf" and m["exporter"] == "builder"
     assert "dtype" not in m["source"]["dequantized"]  # config and tokenizer only: no weights written
+    assert m["source"]["dequantized"]["weights"].startswith("not written")
     assert m["parity"]["reference"] == str(hf) and m["parity"]["reference_by"] == "transformers"
     assert m["parity"]["max_abs_logit_diff"] <= TOL and m["parity"]["top1_agreement"] == 1.0
     assert not [p.name for p in art.path.iterdir() if p.name.startswith(".")]  # no dequantized copy left

@@ -257,6 +257,8 @@ def dequantize_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32", *,
                             "tokenizer_check": check_tokenizer(out_dir, gguf_path)}
     if weights:
         info.update(write_gguf_weights(gguf_path, out_dir, dtype, tensors))
+    else:
+        info["weights"] = "not written: the converter reads the GGUF's tensors itself"
     info["seconds"] = round(time.perf_counter() - started, 1)
     logger.info("dequantized %s into %s in %.1fs", gguf_path, out_dir, info["seconds"])
     return info

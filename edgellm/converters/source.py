@@ -78,6 +78,7 @@ class Source:
                 progress(1, 1, "dequantize GGUF")
         elif weights and not (self._hf / "model.safetensors").is_file():
             assert self.dequantized is not None
+            self.dequantized.pop("weights", None)
             self.dequantized.update(write_gguf_weights(self.path, self._hf))
         return self._hf
 
