@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +181,15 @@ def test_bad_gguf_is_one_line_and_leaves_nothing(edit, error, message, tmp_path:
         edgellm.convert(gguf, tmp_path / "out", format="onnx", exporter="builder", verify=False)
     assert "\n" not in str(exc.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.gguf"]
+
+
+def test_cli_bad_gguf_to_onnx_is_one_line_exit_2(tmp_path: Path) -> None:
+    raw = {"blk.0.attn_q.weight": _q8_1_tensor(64, 64)}
+    gguf = tiny_gguf.build_tiny_gguf(tmp_path / "t.gguf", raw_tensors=raw)
+    proc = subprocess.run([sys.executable, "-m", "edgellm", "convert", str(gguf), "--format", "onnx",
+                           "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgellm: error: ") and "Q8_1" in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()
+
