@@ -201,7 +201,8 @@ def verify(
     prompts: Sequence[str] | None = None,
     record: bool = True,
 ) -> ParityReport:
-    """Compare an artifact's logits with transformers on ``reference`` (a HF checkpoint).
+    """Compare an artifact's logits with transformers on ``reference`` (a HF checkpoint), or
+    with llama.cpp when ``reference`` is a ``.gguf`` file (``reference_by`` says which).
 
     Reports top-1 agreement, max absolute logit difference and mean KL divergence, and
     (with ``record``) stores them in the artifact's manifest.

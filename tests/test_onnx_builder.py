@@ -218,11 +218,45 @@ def test_missing_tensor_is_one_line_and_leaves_nothing(tiny_model, tmp_path: Pat
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial*"))
 
 
-def test_builder_conversion_never_imports_torch(tiny_model, tmp_path: Path) -> None:
-    code = (f"import edgellm; a = edgellm.convert({str(tiny_model('gemma3'))!r}, {str(tmp_path / 'o')!r}, "
-            "format='onnx', quant='int4', verify=False); assert a.manifest['exporter'] == 'builder'")
+@pytest.mark.parametrize("source", ["hf", "gguf"])
+def test_builder_conversion_never_imports_torch(source: str, tiny_model, tmp_path: Path) -> None:
+    src = tiny_model("gemma3")
+    if source == "gguf":  # Q8_0: gguf-py dequantizes on read
+        src = _gguf(src, tmp_path / "g", "Q8_0")
+    code = (f"import edgellm; a = edgellm.convert({str(src)!r}, {str(tmp_path / 'o')!r}, "
+            "format='onnx', quant='int4', verify=False); assert a.manifest['exporter'] == 'builder'; "
+            f"assert a.manifest['source']['source_kind'] == {source!r}")
     modules = top_modules_after(code)
     assert "onnx" in modules and not modules & {"torch", "transformers", "optimum", "accelerate"}
+
+
+def _gguf(hf: Path, out: Path, quant: str = "F32") -> Path:
+    return edgellm.convert(hf, out, format="gguf", quant=quant, verify=False).model_file
+
+
+def _without_torch(code: str) -> str:
+    """``code`` in a process where torch and transformers cannot be imported."""
+    return f"import sys; sys.modules['torch'] = sys.modules['transformers'] = None\n{code}"
+
+
+def test_gguf_parity_without_torch_is_against_llamacpp_on_the_gguf(tiny_model, tmp_path: Path) -> None:
+    require("llama_cpp")
+    gguf = _gguf(tiny_model("qwen2"), tmp_path / "g")
+    code = (f"import edgellm; p = edgellm.convert({str(gguf)!r}, {str(tmp_path / 'o')!r}, format='onnx', "
+            "quant='fp32').manifest['parity']; "
+            "assert (p['status'], p['reference_by']) == ('measured', 'llama.cpp'), p; "
+            f"assert p['reference'] == {str(gguf)!r}, p; "
+            "assert p['top1_agreement'] >= 0.98 and p['max_abs_logit_diff'] < 0.1, p")
+    assert "llama_cpp" in top_modules_after(_without_torch(code))
+
+
+def test_gguf_parity_with_no_reference_says_why(tiny_model, tmp_path: Path) -> None:
+    gguf = _gguf(tiny_model("llama"), tmp_path / "g")
+    code = ("sys.modules['llama_cpp'] = None\nimport edgellm; "
+            f"p = edgellm.convert({str(gguf)!r}, {str(tmp_path / 'o')!r}, format='onnx', quant='fp32')"
+            ".manifest['parity']; assert p['status'] == 'skipped', p; "
+            "assert 'transformers' in p['reason'] and 'llama.cpp could not run' in p['reason'], p")
+    top_modules_after(_without_torch(code))
 
 
 def test_tensor_shape_against_config_is_checked_first(tiny_model, tmp_path: Path) -> None:
@@ -239,15 +273,29 @@ def test_tensor_shape_against_config_is_checked_first(tiny_model, tmp_path: Path
     assert not (tmp_path / "out").exists()
 
 
-def test_gguf_source_is_dequantized_then_built(tiny_model, tmp_path: Path) -> None:
-    """A GGUF source goes through the dequantized checkpoint (transformers, so torch, as for optimum)."""
+def test_gguf_source_is_read_directly_and_parity_uses_the_given_reference(tiny_model, tmp_path: Path) -> None:
+    """The builder reads a GGUF's tensors itself: no float checkpoint is written for it."""
     hf = tiny_model("qwen3")
     gguf = edgellm.convert(hf, tmp_path / "gguf", format="gguf", quant="F32").model_file
     art = edgellm.convert(gguf, tmp_path / "onnx", verify_with=hf, **BUILDER)
     m = art.manifest
     assert m["source"]["source_kind"] == "gguf" and m["exporter"] == "builder"
+    assert "dtype" not in m["source"]["dequantized"]  # config and tokenizer only: no weights written
+    assert m["source"]["dequantized"]["weights"].startswith("not written")
+    assert m["parity"]["reference"] == str(hf) and m["parity"]["reference_by"] == "transformers"
     assert m["parity"]["max_abs_logit_diff"] <= TOL and m["parity"]["top1_agreement"] == 1.0
     assert not [p.name for p in art.path.iterdir() if p.name.startswith(".")]  # no dequantized copy left
+
+
+def test_gguf_parity_with_torch_is_transformers_on_the_dequantized_gguf(tiny_model, tmp_path: Path) -> None:
+    art = edgellm.convert(_gguf(tiny_model("gemma2"), tmp_path / "g", "Q8_0"), tmp_path / "o", **BUILDER)
+    m = art.manifest
+    assert m["parity"]["reference_by"] == "transformers"
+    assert "dequantized by edgellm" in m["parity"]["reference"]
+    assert m["source"]["dequantized"]["dtype"] == "float32"  # written for the reference only, then removed
+    # the GGUF's own (dequantized) weights, so fp32 logits match to float32 rounding
+    assert m["parity"]["max_abs_logit_diff"] <= TOL and m["parity"]["top1_agreement"] == 1.0, m["parity"]
+    assert not [p.name for p in art.path.iterdir() if p.name.startswith(".")]
 
 
 def test_builder_sessions_shift_like_llamacpp(tiny_model, tmp_path: Path) -> None:

@@ -117,9 +117,9 @@ def test_gguf_source_is_dequantized_and_its_tokenizer_checked(tiny_model, tmp_pa
 def test_unknown_gguf_pre_tokenizer_is_refused(tmp_path: Path) -> None:
     meta = {"general.architecture": "llama", "tokenizer.ggml.model": "gpt2",
             "tokenizer.ggml.pre": "deepseek-llm", "tokenizer.ggml.tokens": ["a", "b"]}
-    tokenizer_json = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": []}}
     with pytest.raises(errors.ConversionError, match="'deepseek-llm'.*original Hugging Face"):
-        write_tokenizer_files(tmp_path, tokenizer_json, meta, tmp_path / "m.gguf")
+        write_tokenizer_files(tmp_path, meta, tmp_path / "m.gguf")
+    assert not list(tmp_path.iterdir())
 
 
 # --- calibration (AWQ, scale estimation) --------------------------------------------------

@@ -1,4 +1,4 @@
-"""``edgellm verify ARTIFACT --reference HF_DIR``: compare logits with transformers."""
+"""``edgellm verify ARTIFACT --reference HF_DIR|GGUF``: compare logits with transformers (or llama.cpp)."""
 
 from __future__ import annotations
 
@@ -21,12 +21,14 @@ _ROWS: tuple[tuple[str, str, str], ...] = (
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``verify``."""
     p = add_command(subparsers, "verify", "measure a converted model's parity with its source",
-                    "Run the artifact and transformers on the same prompts and compare logits: "
+                    "Run the artifact and transformers (or llama.cpp, for a .gguf reference) on the "
+                    "same prompts and compare logits: "
                     "top-1 agreement, max absolute logit difference, mean KL divergence. "
                     "The result is recorded in the artifact's manifest.")
     p.add_argument("artifact", metavar="ARTIFACT", help="converted model folder or .gguf file")
-    p.add_argument("--reference", required=True, metavar="HF_DIR",
-                   help="Hugging Face checkpoint folder to compare with")
+    p.add_argument("--reference", required=True, metavar="HF_DIR|GGUF",
+                   help="Hugging Face checkpoint folder (run by transformers) or .gguf file (run by "
+                        "llama.cpp) to compare with")
     p.add_argument("--prompts-file", metavar="F", help="prompts, one per line")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p

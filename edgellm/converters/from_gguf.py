@@ -1,15 +1,20 @@
-"""GGUF file -> Hugging Face checkpoint folder: the first step of GGUF -> OpenVINO / ONNX.
+"""GGUF file -> Hugging Face checkpoint folder, without torch or transformers.
 
-The exporters for OpenVINO and ONNX trace a PyTorch model, so a GGUF source is first
-dequantized into a float checkpoint by transformers' GGUF loader. The weights it gets
-right; the tokenizer it does not (transformers 4.57): it drops the digit splitting and
-regex of the model's pre-tokenizer, prepends BOS through a post-processor whatever the
-GGUF says, can name the wrong EOS, and keeps the chat template only in a side file. So
-the tokenizer files are rewritten here from the GGUF metadata (table
-:data:`PRE_TOKENIZERS`: llama.cpp pre-tokenizer name -> the HF pre-tokenizer that
-reproduces it), and then *checked*: the written ``tokenizer.json`` must give the same
-ids as llama.cpp's own reading of the GGUF on :data:`PROBE_TEXTS` (when llama-cpp-python
-is installed; the manifest says when the check could not run).
+The first step of GGUF -> OpenVINO (which traces PyTorch) and the way the ONNX graph builder
+reads a GGUF source. Weights: :mod:`~edgellm.converters.gguf_tensors` (gguf-py dequantizes,
+one tensor at a time, llama.cpp's row permutation and norm shift undone); config:
+:mod:`~edgellm.converters.gguf_config`; tokenizer: rebuilt here from the metadata — byte-level
+BPE (table :data:`PRE_TOKENIZERS`: llama.cpp pre-tokenizer name -> the HF pre-tokenizer that
+reproduces it) or SentencePiece (:mod:`~edgellm.converters.gguf_spm`) — and then *checked*:
+the written ``tokenizer.json`` must give the same ids as llama.cpp's own reading of the GGUF
+on :data:`PROBE_TEXTS` (when llama-cpp-python is installed; the manifest says when the check
+could not run).
+
+This replaced transformers' GGUF loader (4.57), which got the weights right but not the
+tokenizer (it dropped the pre-tokenizer's digit splitting and regex, prepended BOS whatever
+the GGUF said, could name the wrong EOS) and not Llama 3.1's rope frequency factors (dropped
+silently; recovered into ``rope_scaling`` here, see ``gguf_config``); tests/test_gguf_source.py
+checks the weights are still the ones it reads.
 """
 
 from __future__ import annotations
@@ -17,13 +22,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from edgellm.converters.gguf_spm import spm_tokenizer_json
 from edgellm.converters.gguf_vocab import LLAMA3_REGEX, QWEN2_REGEX
-from edgellm.errors import ConversionError, MissingDependencyError, UnsupportedArchitectureError
-from edgellm.gguf_meta import read_gguf_metadata
+from edgellm.errors import ConversionError, InvalidInputError, MissingDependencyError
+from edgellm.gguf_meta import read_gguf_header
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +45,17 @@ def _byte_level(use_regex: bool) -> dict[str, Any]:
             "use_regex": use_regex}
 
 
+_GPT2_REGEX = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)"
+_DEFAULT_BPE_REGEXES = ("[\\p{P}\\$\\+<=>\\^~\\|]+", _GPT2_REGEX, "\\p{N}+", "[0-9][0-9][0-9]")
+
 #: GGUF ``tokenizer.ggml.pre`` -> Hugging Face pre-tokenizer (the inverse of
 #: ``gguf_vocab.PRE_TOKENIZERS``, which reads these structures when writing a GGUF).
 PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
     "gpt-2": _byte_level(True),
+    # llama.cpp's regex list for a ``default`` (or unrecognised, pre-"pre") BPE vocabulary,
+    # applied one after the other as llm_tokenizer_bpe does (llama-vocab.cpp, default case).
+    "default": {"type": "Sequence", "pretokenizers": [
+        *(_split(r) for r in _DEFAULT_BPE_REGEXES), _byte_level(False)]},
     "smollm": {"type": "Sequence", "pretokenizers": [
         {"type": "Digits", "individual_digits": True}, _byte_level(True)]},
     "llama-bpe": {"type": "Sequence", "pretokenizers": [_split(LLAMA3_REGEX), _byte_level(False)]},
@@ -52,9 +65,9 @@ _DECODER = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
 _BPE_FLAGS = {"dropout": None, "unk_token": None, "continuing_subword_prefix": None,
               "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
               "ignore_merges": False}
-#: Files transformers writes that a published checkpoint does not have (tokenizer.model is a
-#: copy of the whole GGUF; the chat template goes into tokenizer_config.json instead).
-_STRAY_FILES = ("tokenizer.model", "chat_template.jinja")
+# GGUF token types (gguf.TokenType) that become added tokens -> their "special" flag.
+_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
+_ADDED = {_CONTROL: True, _USER_DEFINED: False}
 
 #: Strings the rewritten tokenizer must split exactly as llama.cpp does.
 PROBE_TEXTS: tuple[str, ...] = (
@@ -120,23 +133,54 @@ def _special_tokens(tm: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def write_tokenizer_files(out_dir: Path, tokenizer_json: dict[str, Any], meta: dict[str, Any],
-                          gguf_path: Path) -> dict[str, Any]:
-    """Rewrite transformers' tokenizer files in ``out_dir`` from the GGUF metadata."""
+def bpe_tokenizer_json(meta: dict[str, Any], gguf_path: Path) -> dict[str, Any]:
+    """``tokenizer.json`` (as a dict) for the GGUF byte-level BPE vocabulary in ``meta``.
+
+    llama.cpp's ``llm_tokenizer_bpe``: the pre-tokenizer named by ``tokenizer.ggml.pre``
+    (:data:`PRE_TOKENIZERS`), then merges by rank; control tokens (type 3) and user-defined
+    tokens (type 4) are matched whole before that, as Hugging Face added tokens (special or
+    not). The post-processor (BOS) is left to the caller.
+    """
     tm = _tokenizer_meta(meta, gguf_path)
-    if tm["model"] == "gpt2":
-        if tm["pre"] not in PRE_TOKENIZERS:
-            raise ConversionError(
-                f"{gguf_path}: GGUF pre-tokenizer {tm['pre']!r} has no Hugging Face equivalent "
-                f"known to edgellm (known: {', '.join(PRE_TOKENIZERS)}); convert from the "
-                "original Hugging Face checkpoint instead"
-            )
-        tokenizer_json["normalizer"] = None
-        tokenizer_json["pre_tokenizer"] = PRE_TOKENIZERS[tm["pre"]]
-        tokenizer_json["decoder"] = _DECODER
-        tokenizer_json["model"].update(_BPE_FLAGS)
-    elif tm["model"] == "llama":  # SentencePiece: transformers' rebuild splits unlike llama.cpp
-        tokenizer_json = spm_tokenizer_json(meta)
+    if tm["pre"] not in PRE_TOKENIZERS:
+        raise ConversionError(
+            f"{gguf_path}: GGUF pre-tokenizer {tm['pre']!r} has no Hugging Face equivalent "
+            f"known to edgellm (known: {', '.join(PRE_TOKENIZERS)}); convert from the "
+            "original Hugging Face checkpoint instead"
+        )
+    tokens = [str(t) for t in tm["tokens"]]
+    types = list(meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
+    merges = [str(m).split(" ", 1) for m in meta.get("tokenizer.ggml.merges") or ()]
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [
+            {"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": _ADDED[t]}
+            for i, t in enumerate(types) if t in _ADDED
+        ],
+        "normalizer": None, "pre_tokenizer": PRE_TOKENIZERS[tm["pre"]], "post_processor": None,
+        "decoder": _DECODER,
+        "model": {"type": "BPE", **_BPE_FLAGS, "vocab": {t: i for i, t in enumerate(tokens)},
+                  "merges": merges},
+    }
+
+
+#: ``tokenizer.ggml.model`` -> the builder of its tokenizer.json.
+TOKENIZER_MODELS: dict[str, Callable[[dict[str, Any], Path], dict[str, Any]]] = {
+    "gpt2": bpe_tokenizer_json,
+    "llama": lambda meta, path: spm_tokenizer_json(meta),
+}
+
+
+def write_tokenizer_files(out_dir: Path, meta: dict[str, Any], gguf_path: Path) -> dict[str, Any]:
+    """Write transformers' tokenizer files in ``out_dir`` from the GGUF metadata alone."""
+    tm = _tokenizer_meta(meta, gguf_path)
+    build = TOKENIZER_MODELS.get(str(tm["model"]))
+    if build is None:
+        raise ConversionError(
+            f"{gguf_path}: GGUF tokenizer model {tm['model']!r} cannot be rebuilt (known: "
+            f"{', '.join(TOKENIZER_MODELS)}); convert from the original Hugging Face checkpoint instead")
+    tokenizer_json = build(meta, gguf_path)
     tokenizer_json["post_processor"] = _post_processor(tm)
     _write_json(out_dir / "tokenizer.json", tokenizer_json)
     special = _special_tokens(tm)
@@ -155,22 +199,8 @@ def write_tokenizer_files(out_dir: Path, tokenizer_json: dict[str, Any], meta: d
     if tm["chat_template"]:
         config["chat_template"] = tm["chat_template"]
     _write_json(out_dir / "tokenizer_config.json", config)
-    _fix_generation_config(out_dir, tm)
-    for name in _STRAY_FILES:
-        (out_dir / name).unlink(missing_ok=True)
     return {"model": tm["model"], "pre": tm["pre"], "add_bos": tm["add_bos"],
             "eos": special.get("eos_token")}
-
-
-def _fix_generation_config(out_dir: Path, tm: dict[str, Any]) -> None:
-    path = out_dir / "generation_config.json"
-    if not path.is_file():
-        return
-    gen = json.loads(path.read_text(encoding="utf-8"))
-    for key, field in (("bos_token_id", "bos"), ("eos_token_id", "eos")):
-        if tm[field] is not None:
-            gen[key] = tm[field]
-    _write_json(path, gen)
 
 
 def check_tokenizer(out_dir: Path, gguf_path: Path) -> dict[str, Any]:
@@ -193,73 +223,62 @@ def check_tokenizer(out_dir: Path, gguf_path: Path) -> dict[str, Any]:
     return {"status": "match", "reference": "llama.cpp", "strings": len(PROBE_TEXTS)}
 
 
-def _import_stack() -> tuple[Any, Any]:
-    try:
-        import accelerate  # noqa: F401  transformers needs it to load GGUF weights
-        import gguf  # noqa: F401  transformers reads the GGUF through gguf-py
-        import torch
-        import transformers
-    except ImportError as exc:
-        raise MissingDependencyError(exc.name or "transformers", "convert",
-                                     "dequantizing a GGUF source") from None
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    return torch, transformers
+#: ``dtype`` of :func:`dequantize_gguf` -> the safetensors dtype written.
+DTYPES = {"float32": "F32", "float16": "F16"}
 
 
-def _fix_config(config: Any, meta: dict[str, Any], arch: str) -> None:
-    """What transformers' GGUF config reader misses (4.57): an explicit head size.
-
-    It derives ``head_dim`` as hidden / heads, which is wrong for Qwen 3, Gemma and any model
-    whose ``{arch}.attention.key_length`` says otherwise; loading then fails on shapes.
-    """
-    key_length = meta.get(f"{arch}.attention.key_length")
-    if isinstance(key_length, int) and hasattr(config, "head_dim"):
-        config.head_dim = key_length
-
-
-def dequantize_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> dict[str, Any]:
+def dequantize_gguf(gguf_path: Path, out_dir: Path, dtype: str = "float32", *,
+                    weights: bool = True) -> dict[str, Any]:
     """Write a Hugging Face checkpoint of ``gguf_path`` into ``out_dir``; return provenance.
 
-    Weights are dequantized by transformers; the tokenizer is rebuilt from the GGUF
-    metadata and checked against llama.cpp. Raises :class:`ConversionError` (one line,
-    naming the file) when either step cannot be done faithfully.
+    No torch and no transformers: the config comes from the metadata
+    (:mod:`~edgellm.converters.gguf_config`), the tokenizer is built from the metadata and
+    checked against llama.cpp, and (unless ``weights`` is false: a reader that takes
+    :class:`~edgellm.converters.gguf_tensors.GGUFTensors` directly needs only the rest) the
+    tensors are dequantized one at a time by gguf-py and streamed into ``model.safetensors``
+    (:func:`write_gguf_weights`). Raises an edgellm error (one line, naming the file) when any
+    step cannot be done faithfully; a refused config leaves nothing behind.
     """
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    from importlib.metadata import version
 
-    torch, transformers = _import_stack()
-    meta = read_gguf_metadata(gguf_path)
-    arch = str(meta.get("general.architecture"))
-    if arch not in GGUF_CONFIG_MAPPING:
-        supported = ", ".join(sorted(k for k in GGUF_CONFIG_MAPPING if k not in ("general", "tokenizer")))
-        raise UnsupportedArchitectureError(
-            f"{gguf_path}: transformers {transformers.__version__} cannot dequantize GGUF "
-            f"architecture {arch!r} (it reads: {supported})"
-        )
+    from edgellm.converters.gguf_config import generation_config, hf_config
+    from edgellm.converters.gguf_tensors import GGUFTensors
+
+    _check_dtype(dtype)
     started = time.perf_counter()
+    header = read_gguf_header(gguf_path, full_lists=True)
+    tensors = GGUFTensors(gguf_path, header)
+    config = hf_config(tensors)
     out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
-        config = transformers.AutoConfig.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
-        _fix_config(config, meta, arch)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, config=config, dtype=getattr(torch, dtype),
-            local_files_only=True)
-        model.save_pretrained(out_dir, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
-    except (ValueError, RuntimeError, KeyError, OSError, TypeError) as exc:
-        detail = " ".join(str(exc).split())[:300]
-        raise ConversionError(f"{gguf_path}: transformers could not dequantize it ({detail})") from None
-    del model
-    tokenizer_json = json.loads(tokenizer.backend_tokenizer.to_str())
-    summary = write_tokenizer_files(out_dir, tokenizer_json, meta, gguf_path)
-    check = check_tokenizer(out_dir, gguf_path)
-    seconds = round(time.perf_counter() - started, 1)
-    logger.info("dequantized %s into %s in %.1fs", gguf_path, out_dir, seconds)
-    return {"dtype": dtype, "by": f"transformers {transformers.__version__}",
-            "tokenizer": summary, "tokenizer_check": check, "seconds": seconds}
+    _write_json(out_dir / "config.json", config)
+    _write_json(out_dir / "generation_config.json", generation_config(tensors))
+    summary = write_tokenizer_files(out_dir, header.metadata, gguf_path)
+    info: dict[str, Any] = {"by": f"edgellm with gguf-py {version('gguf')} (no torch)", "tokenizer": summary,
+                            "tokenizer_check": check_tokenizer(out_dir, gguf_path)}
+    if weights:
+        info.update(write_gguf_weights(gguf_path, out_dir, dtype, tensors))
+    else:
+        info["weights"] = "not written: the converter reads the GGUF's tensors itself"
+    info["seconds"] = round(time.perf_counter() - started, 1)
+    logger.info("dequantized %s into %s in %.1fs", gguf_path, out_dir, info["seconds"])
+    return info
+
+
+def write_gguf_weights(gguf_path: Path, out_dir: Path, dtype: str = "float32",
+                       tensors: Any = None) -> dict[str, Any]:
+    """Stream the dequantized tensors of ``gguf_path`` into ``out_dir/model.safetensors``."""
+    from edgellm.converters.gguf_tensors import GGUFTensors
+    from edgellm.converters.safetensors import write_safetensors
+
+    _check_dtype(dtype)
+    source = tensors or GGUFTensors(gguf_path)
+    largest = write_safetensors(out_dir / "model.safetensors", source, DTYPES[dtype])
+    return {"dtype": dtype, "largest_tensor_bytes": largest}
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise InvalidInputError(f"dtype {dtype!r} cannot be written; use one of: {', '.join(DTYPES)}")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

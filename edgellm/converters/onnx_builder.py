@@ -10,9 +10,12 @@ embedding — so decoding reads each weight once and copies no KV.
 
 Tensors stream from the safetensors checkpoint one at a time straight into
 ``model.onnx.data`` (:class:`~edgellm.converters.onnx_graph.GraphWriter`); int4/int8 blocks
-are computed by :mod:`~edgellm.converters.onnx_quant` in numpy. A GGUF source is dequantized
-to a checkpoint first (as for the other ONNX and OpenVINO paths), which does import torch;
-a safetensors source never does (tests/test_onnx_builder.py checks it in a fresh process).
+are computed by :mod:`~edgellm.converters.onnx_quant` in numpy. A GGUF source is read the
+same way, tensor by tensor, through :class:`~edgellm.converters.gguf_tensors.GGUFTensors`
+(gguf-py dequantizes; no float checkpoint is written), with config and tokenizer files built
+from its metadata. Neither imports torch (tests/test_onnx_builder.py checks both in a fresh
+process); only parity does, where transformers is installed — without it a GGUF source is
+compared with llama.cpp running the GGUF (the manifest's ``parity.reference_by``).
 
 The folder also carries ``genai_config.json`` so onnxruntime-genai can run it; the manifest
 records the graph contract the runtime binds by (``graph``), the builder's per-feature
@@ -90,13 +93,12 @@ def _check_shapes(ckpt: Any, spec: ModelSpec) -> None:
                 "config.json")
 
 
-def _write_graph(hf_dir: Path, stage: Path, cfg: dict[str, Any], spec: ModelSpec,
+def _write_graph(source: Any, stage: Path, cfg: dict[str, Any], spec: ModelSpec,
                  opts: Any) -> tuple[Any, dict[str, int]]:
     from edgellm.converters.onnx_decoder import OPSETS, DecoderBuilder, Reader
     from edgellm.converters.onnx_graph import GraphWriter
-    from edgellm.converters.safetensors import open_checkpoint
 
-    ckpt = open_checkpoint(hf_dir)
+    ckpt = source.tensors()  # safetensors, or the GGUF file dequantized tensor by tensor
     _check_shapes(ckpt, spec)
     largest_read = max(info.numel * 4 for _, info in ckpt.items())  # read as float32
     writer = GraphWriter(stage, OPSETS)
@@ -105,7 +107,7 @@ def _write_graph(hf_dir: Path, stage: Path, cfg: dict[str, Any], spec: ModelSpec
         builder.build()
         writer.save(stage / MODEL_FILE, f"{spec.architecture}-decoder", "edgellm")
     except KeyError as exc:
-        raise ConversionError(f"{hf_dir}: tensor {exc.args[0]!r} is missing for a {spec.architecture} "
+        raise ConversionError(f"{source.path}: tensor {exc.args[0]!r} is missing for a {spec.architecture} "
                               "model; the checkpoint does not match its config.json") from None
     finally:
         writer.abort()
@@ -144,17 +146,17 @@ def convert_with_builder(source: Any, output: Path, recipe: Any, *, force: bool 
         raise MissingDependencyError("onnx", "build-onnx", "the ONNX graph builder") from None
     started = time.perf_counter()
     with Staging(output, force=force) as stage:
-        hf_dir = source.hf_dir(stage.path, progress)
+        hf_dir = source.hf_dir(stage.path, progress, weights=False)  # tensors come from source.tensors()
         cfg = read_hf_config(hf_dir)
         spec = ModelSpec.from_hf_config(cfg, source=str(hf_dir / "config.json"))
         refused = builder_refusals(spec, recipe.quant, cfg)
         if refused:
-            raise UnsupportedArchitectureError(f"{hf_dir}: the ONNX builder cannot write this model: "
+            raise UnsupportedArchitectureError(f"{source.path}: the ONNX builder cannot write this model: "
                                                f"{'; '.join(refused)}")
         opts = _options(recipe, spec)
         if progress:
             progress(0, spec.n_layers, "build graph")
-        builder, sizes = _write_graph(hf_dir, stage.path, cfg, spec, opts)
+        builder, sizes = _write_graph(source, stage.path, cfg, spec, opts)
         _check(stage.path / MODEL_FILE)
         copied = copy_runtime_files(hf_dir, stage.path, "ONNX Runtime")
         contract = builder.contract()

@@ -321,8 +321,10 @@ def convert_to_openvino(
 ) -> Artifact:
     """Export a HF checkpoint folder or a GGUF file to a stateful OpenVINO IR folder ``output``.
 
-    A GGUF source is dequantized first (:mod:`edgellm.converters.from_gguf`); parity is then
-    measured against that dequantized checkpoint unless ``reference`` names another one.
+    A GGUF source is dequantized first (:mod:`edgellm.converters.from_gguf`: gguf-py, no torch,
+    the same weights the ONNX builder reads), but the export itself still traces a PyTorch model
+    through optimum-intel, so this path needs torch; parity is then measured against that
+    dequantized checkpoint unless ``reference`` names another one.
     ``npu`` targets an Intel NPU: symmetric channel-wise int4 and the static prompt/response
     lengths (``max_prompt_len``, ``min_response_len``) recorded for the runtime.
     ``calibration`` is a text file for data-aware int4 (AWQ, scale estimation).

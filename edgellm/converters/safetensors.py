@@ -18,6 +18,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,7 @@ from edgellm.errors import InvalidModelError, ModelNotFoundError, UnsafeCheckpoi
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TensorInfo", "Checkpoint", "open_checkpoint"]
+__all__ = ["TensorInfo", "Checkpoint", "open_checkpoint", "write_safetensors"]
 
 # safetensors dtype -> (numpy dtype used to read the raw bytes, bytes per element)
 _DTYPES: dict[str, tuple[str, int]] = {
@@ -256,6 +257,41 @@ def open_checkpoint(folder: Path, allow_pickle: bool = False) -> Checkpoint:
                 raise InvalidModelError(f"{file}: tensor {name!r} also appears in {tensors[name].file.name}")
             tensors[name] = info
     return Checkpoint(folder, tensors)
+
+
+#: dtypes :func:`write_safetensors` writes: safetensors name -> numpy dtype.
+WRITE_DTYPES = {"F32": "<f4", "F16": "<f2"}
+
+
+def write_safetensors(path: Path, source: Any, dtype: str = "F32") -> int:
+    """Stream every tensor of ``source`` into one safetensors file at ``path``, one at a time.
+
+    ``source`` is anything with the checkpoint read side (``items()`` giving shapes, ``read``):
+    the header is computed from the shapes first, then each tensor is read, converted and
+    written before the next is read, so memory holds one tensor. Returns the largest tensor's
+    bytes as read (float32).
+    """
+    np_dtype = np.dtype(WRITE_DTYPES[dtype])
+    shapes = [(name, tuple(info.shape)) for name, info in source.items()]
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes:
+        size = math.prod(shape) * np_dtype.itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    largest = 0
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, shape in shapes:
+            arr = source.read(name)
+            if tuple(arr.shape) != shape:
+                raise InvalidModelError(f"{path}: tensor {name!r} read as {list(arr.shape)}, "
+                                        f"not {list(shape)}")
+            largest = max(largest, arr.size * 4)
+            f.write(memoryview(np.ascontiguousarray(arr, dtype=np_dtype)).cast("B"))  # no bytes copy
+    return largest
 
 
 class _PickleCheckpoint(Checkpoint):

@@ -4,7 +4,9 @@ Exporters that trace PyTorch need a Hugging Face checkpoint. :func:`open_source`
 source before any long step (folder with a valid checkpoint, or a GGUF whose header reads),
 and :meth:`Source.hf_dir` gives the checkpoint folder: the source itself, or a
 dequantized copy of the GGUF written inside the converter's staging folder (so it goes
-away with it, whatever happens).
+away with it, whatever happens; no torch is needed for it). A converter that streams tensors
+(the ONNX graph builder) asks for the folder without weights and reads them through
+:meth:`Source.tensors`, from the GGUF itself.
 """
 
 from __future__ import annotations
@@ -55,21 +57,41 @@ class Source:
     dequantized: dict[str, Any] | None = field(default=None)
     _hf: Path | None = field(default=None, repr=False)
 
-    def hf_dir(self, workdir: Path, progress: ProgressFn | None = None) -> Path:
-        """The Hugging Face checkpoint folder (a GGUF is dequantized into ``workdir`` once)."""
+    def hf_dir(self, workdir: Path, progress: ProgressFn | None = None, weights: bool = True) -> Path:
+        """The Hugging Face checkpoint folder (a GGUF is dequantized into ``workdir`` once).
+
+        ``weights=False``: a GGUF source gets its config and tokenizer files only, for a
+        converter that reads the tensors through :meth:`tensors`; asking again with weights
+        writes them then.
+        """
         if self.kind == "hf":
             return self.path
-        if self._hf is None:
-            from edgellm.converters.from_gguf import dequantize_gguf
+        from edgellm.converters.from_gguf import dequantize_gguf, write_gguf_weights
 
+        if self._hf is None:
             if progress:
                 progress(0, 1, "dequantize GGUF")
             self._hf = workdir / _DEQUANTIZED
-            self.dequantized = dequantize_gguf(self.path, self._hf)
+            self.dequantized = dequantize_gguf(self.path, self._hf, weights=weights)
             self.spec = ModelSpec.from_hf_dir(self._hf)
             if progress:
                 progress(1, 1, "dequantize GGUF")
+        elif weights and not (self._hf / "model.safetensors").is_file():
+            assert self.dequantized is not None
+            self.dequantized.pop("weights", None)
+            self.dequantized.update(write_gguf_weights(self.path, self._hf))
         return self._hf
+
+    def tensors(self) -> Any:
+        """The weights by Hugging Face name, read one tensor at a time: the checkpoint's
+        safetensors, or the GGUF file itself (dequantized on read, nothing written)."""
+        if self.kind == "gguf":
+            from edgellm.converters.gguf_tensors import GGUFTensors
+
+            return GGUFTensors(self.path)
+        from edgellm.converters.safetensors import open_checkpoint
+
+        return open_checkpoint(self.path)
 
     def cleanup(self) -> None:
         """Remove the dequantized copy (before the staging folder is measured and renamed)."""
@@ -81,16 +103,27 @@ class Source:
                verify: bool, fmt: str) -> dict[str, Any]:
         """Parity of the fresh artifact against ``reference`` or the source (gated for floats).
 
-        A GGUF source is compared through its dequantized checkpoint, and the manifest says so
-        rather than naming the temporary folder.
+        A GGUF source is compared through its dequantized checkpoint run by transformers where
+        transformers is installed (the weights are written for it if the converter read the GGUF
+        directly), else against the GGUF itself run by llama.cpp; the manifest says which.
         """
-        from edgellm.converters.verify import check_after_convert
+        from edgellm.converters.verify import check_after_convert, transformers_available
 
         if not verify:
             return {"status": "skipped", "reason": "conversion run with verify off"}
-        checkpoint = self._hf if self.kind == "gguf" else self.path  # hf_dir() ran before export
-        parity = check_after_convert(model_file, reference or checkpoint, quant.upper(), prompts, fmt=fmt)
-        if reference is None and self.dequantized is not None and "reference" in parity:
+        if reference is not None or self.kind == "hf":
+            return check_after_convert(model_file, reference or self.path, quant.upper(), prompts, fmt=fmt)
+        if not transformers_available():
+            parity = check_after_convert(model_file, self.path, quant.upper(), prompts, fmt=fmt)
+            if parity["status"] == "skipped":
+                parity["reason"] = ("no reference could run: transformers is not installed (pip install "
+                                    "'edgellm[convert]') and llama.cpp could not run the GGUF "
+                                    f"({parity['reason']})")
+            return parity
+        assert self._hf is not None, "hf_dir() runs before parity"
+        checkpoint = self.hf_dir(self._hf.parent, weights=True)
+        parity = check_after_convert(model_file, checkpoint, quant.upper(), prompts, fmt=fmt)
+        if self.dequantized is not None and "reference" in parity:
             parity["reference"] = f"{self.path} dequantized by {self.dequantized['by']}"
         return parity
 
