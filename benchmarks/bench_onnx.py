@@ -13,8 +13,8 @@ Rows, per precision:
 Greedy, a fixed number of new tokens, 2 threads (``--threads``), CPU; every run in a fresh
 process, runs interleaved, medians; ratios edgellm-builder / peer, also per round (the two
 target processes back to back). Each edgellm and onnxruntime-genai process times several
-generations and reports their medians: on this VM one process decodes up to ~15% faster or
-slower than the next, for either runtime (memory placement), so the targets get more
+generations and reports their medians: on this VM one process decodes 10-20% faster or
+slower than the next, for either runtime, so the targets get more
 processes than the optimum rows. Then, once each (fresh processes):
 conversion wall time builder vs optimum (parity off), the builder converter's peak RSS
 against its largest tensor, whether torch was imported during a builder conversion, and
@@ -214,7 +214,7 @@ def _markdown(med: dict, runs: dict, sizes: dict, convert: dict, interop: list[s
         f"and onnxruntime-genai row, {args.peer_repeats} per optimum row; each edgellm and "
         f"onnxruntime-genai process times {RUNS} generations after a warm-up and reports their medians; "
         "the table gives the median over processes and the range of the per-process values (one "
-        "process's speed differs from the next by up to ~15% on this VM, whatever the runtime). "
+        "process's decode speed differs from the next by 10-20% on this VM, whatever the runtime). "
         "int4 everywhere: MatMulNBits block 32, accuracy level 4 (edgellm asymmetric, "
         "onnxruntime-genai symmetric); the optimum rows run the folder edgellm's optimum exporter wrote. "
         "edgellm moves the weights ONNX Runtime copied onto transparent huge pages after loading "
