@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from edgellm.cli.main import main
+from edgellm.converters.provenance import source_fingerprint
 from edgellm.devices import measured
 from edgellm.devices.planner import host_profile, plan
 from edgellm.profiling.matrix import MATRIX, MatrixReport, bench_matrix
@@ -93,3 +94,27 @@ def test_cli_matrix_refuses_a_non_checkpoint(tmp_path: Path, capsys: pytest.Capt
     assert main(["bench", "--matrix", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("edgellm: error: ") and "empty" in err[0]
+
+
+@pytest.mark.parametrize(("int4_top1", "chosen"), [(0.70, ("gguf", "Q8_0")), (0.95, ("onnx", "int4"))])
+def test_speed_does_not_buy_a_large_quality_loss(int4_top1: float, chosen: tuple[str, str], tmp_path: Path,
+                                                 tiny_model: Callable[..., Path],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fastest measured row is chosen only when its top-1 is within TOP1_TOLERANCE of the best."""
+    monkeypatch.setenv(measured.MEASURED_ENV, str(tmp_path))
+    src = tiny_model("llama")
+    source = source_fingerprint(src)["fingerprint"]
+    common = {"source": source, "device": "cpu", "ttft_ms": 10.0, "measured_at": "2026-11-30",
+              "kv_precision": None}
+    measured.record([{**common, "format": "onnx", "quantization": "int4", "backend": "onnxruntime",
+                      "decode_tps": 180.0, "top1": int4_top1},
+                     {**common, "format": "gguf", "quantization": "Q8_0", "backend": "llamacpp",
+                      "decode_tps": 110.0, "top1": 0.98}])
+    result = plan(src, host_profile())
+    choice = result.choice
+    assert choice is not None and (choice.format, choice.quantization) == chosen
+    assert "fastest measured on this host" in choice.reason
+    int4 = next(c for c in result.candidates if (c.format, c.quantization) == ("onnx", "int4"))
+    if chosen[0] == "gguf":
+        assert f"top-1 agreement {int4_top1:.3f} is more than {measured.TOP1_TOLERANCE} below the best " \
+               "measured here (0.980)" in int4.reason

@@ -115,8 +115,25 @@ def _note(m: Mapping[str, Any]) -> str:
             f"{m.get('measured_at', '?')}, KV {m.get('kv_precision') or 'default'})")
 
 
+#: Speed may not buy more quality loss than this: a measured candidate whose top-1 agreement
+#: with the source is further below the best measured one's is never chosen for its speed
+#: (on the development host the fastest row, ONNX int4 at 0.72, would otherwise replace
+#: Q8_0 at 0.98).
+TOP1_TOLERANCE = 0.05
+
+
+def _close_enough(measured: Mapping[int, Mapping[str, Any]]) -> tuple[set[int], float]:
+    """The measured candidates whose top-1 is within :data:`TOP1_TOLERANCE` of the best, and that
+    best (a row without a top-1, measured with parity off, is not held back)."""
+    known = [m["top1"] for m in measured.values() if isinstance(m.get("top1"), (int, float))]
+    top = max(known, default=1.0)
+    return {i for i, m in measured.items() if not isinstance(m.get("top1"), (int, float))
+            or m["top1"] >= top - TOP1_TOLERANCE}, top
+
+
 def prefer_measured(info: ModelInfo, rows: list[Candidate]) -> list[Candidate]:
-    """Choose the fitting candidate measured fastest here; reasons cite the measurements.
+    """Choose the fitting candidate measured fastest here among those that keep the quality
+    (:data:`TOP1_TOLERANCE`); reasons cite the measurements.
 
     Unchanged when no fitting candidate was measured (the profile order stands).
     """
@@ -129,7 +146,8 @@ def prefer_measured(info: ModelInfo, rows: list[Candidate]) -> list[Candidate]:
     measured = {i: m for i, m in speeds.items() if m}
     if not measured:
         return rows
-    best = max(measured, key=lambda i: measured[i]["decode_tps"])
+    eligible, top = _close_enough(measured)
+    best = max(eligible, key=lambda i: measured[i]["decode_tps"])
     out = []
     for i, c in enumerate(rows):
         m = measured.get(i)
@@ -137,6 +155,10 @@ def prefer_measured(info: ModelInfo, rows: list[Candidate]) -> list[Candidate]:
         if i == best:
             base = c.reason if c.status == "chosen" else "fits"  # not "fits, but ... comes first"
             c = replace(c, status="chosen", reason=f"{base}; fastest measured on this host: {note}")
+        elif c.fits and m is not None and i not in eligible:
+            c = replace(c, status="fits", reason=(
+                f"fits, but its top-1 agreement {m['top1']:.3f} is more than {TOP1_TOLERANCE} below the "
+                f"best measured here ({top:.3f}), so its speed does not count; this one measured {note}"))
         elif c.fits:
             why = f"this one measured {note}" if note else "this one not measured here"
             c = replace(c, status="fits", reason=f"fits, but {rows[best].label} is faster here ({why})")
