@@ -9,7 +9,6 @@ nothing and say why; the tests check whichever of the two this host is.
 from __future__ import annotations
 
 import ctypes
-import platform
 import re
 
 import numpy as np
@@ -51,11 +50,6 @@ def _own_mapping(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _kernel_has_collapse() -> bool:
-    major, minor = (int(x) for x in re.findall(r"\d+", platform.release())[:2])
-    return (major, minor) >= (6, 1)
-
-
 @pytest.fixture
 def small_pages():
     """numpy's own MADV_HUGEPAGE for large arrays off, so arrays start in 4 KiB pages."""
@@ -72,7 +66,7 @@ def test_resident_memory_moves_onto_huge_pages_with_its_contents(small_pages) ->
     report = hugepages.collapse_resident()
     after = _mapping(data)
     assert float(data.sum(dtype=np.float64)) == expected and data[12345] == 12345
-    if hugepages._unsupported() or not _kernel_has_collapse():
+    if hugepages._unsupported():
         assert report.status.startswith("skipped: ") and report.bytes == 0
         return
     assert report.status == "collapsed", report
@@ -111,8 +105,8 @@ def test_thp_set_to_never_is_reported(monkeypatch, tmp_path) -> None:
 
 def test_ranges_resident_before_a_load_are_skipped(small_pages) -> None:
     """The host's own memory (resident before the model loaded) is not collapsed."""
-    if hugepages._unsupported() or not _kernel_has_collapse():
-        assert hugepages.resident_ranges() == frozenset() or not _kernel_has_collapse()
+    if hugepages._unsupported():
+        assert hugepages.resident_ranges() == frozenset()
         return
     host = _own_mapping(np.arange(10 * MIB, dtype=np.float32))  # resident before the "load"
     before = hugepages.resident_ranges()
@@ -120,3 +114,27 @@ def test_ranges_resident_before_a_load_are_skipped(small_pages) -> None:
     hugepages.collapse_resident(skip=before)
     assert _mapping(host).get("AnonHugePages", 0) == 0
     assert _mapping(loaded)["AnonHugePages"] >= 36 * 1024
+
+
+def test_a_kernel_before_6_1_is_reported(monkeypatch) -> None:
+    monkeypatch.setattr(hugepages.sys, "platform", "linux")
+    monkeypatch.setattr(hugepages.platform, "release", lambda: "5.15.0-91-generic")
+    assert hugepages.collapse_resident().status == \
+        "skipped: Linux 5.15.0-91-generic has no MADV_COLLAPSE (6.1 and later do)"
+    assert hugepages.resident_ranges() == frozenset()
+
+
+def test_a_range_the_kernel_refuses_does_not_stop_the_rest(small_pages) -> None:
+    """A mapping marked MADV_NOHUGEPAGE is refused (EINVAL); the ranges after it still collapse."""
+    if hugepages._unsupported():
+        return
+    refused = _own_mapping(np.arange(10 * MIB, dtype=np.float32))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    start = (refused.ctypes.data + 4095) & ~4095
+    assert libc.madvise(start, (refused.ctypes.data + refused.nbytes - start) & ~4095, 15) == 0  # NOHUGEPAGE
+    wanted = _own_mapping(np.arange(10 * MIB, dtype=np.float32))
+    report = hugepages.collapse_resident()
+    assert report.status == "collapsed"
+    assert _mapping(refused).get("AnonHugePages", 0) == 0
+    assert _mapping(wanted)["AnonHugePages"] >= 36 * 1024

@@ -25,8 +25,9 @@ mmap) or OpenVINO measurably, so only the ONNX Runtime backend asks for it.
 from __future__ import annotations
 
 import ctypes
-import errno
 import logging
+import platform
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -60,9 +61,17 @@ class HugePageReport:
                 "ranges": self.ranges, "ms": round(self.seconds * 1e3, 1)}
 
 
+def _kernel(release: str) -> tuple[int, int]:
+    """(major, minor) of a kernel release string such as ``6.18.44-fc-v857``."""
+    parts = re.findall(r"\d+", release)[:2]
+    return (int(parts[0]), int(parts[1])) if len(parts) == 2 else (0, 0)
+
+
 def _unsupported() -> str | None:
     if sys.platform != "linux":
         return f"not Linux ({sys.platform})"
+    if _kernel(platform.release()) < (6, 1):
+        return f"Linux {platform.release()} has no MADV_COLLAPSE (6.1 and later do)"
     try:
         mode = _THP_ENABLED.read_text(encoding="ascii")
     except OSError:
@@ -135,11 +144,11 @@ def collapse_resident(min_resident: float = MIN_RESIDENT,
             if libc.libc.madvise(addr, _HUGE, _MADV_COLLAPSE) == 0:
                 ranges += 1
                 continue
-            err = ctypes.get_errno()
-            if err == errno.EINVAL and ranges == 0:  # the kernel does not know MADV_COLLAPSE
-                return HugePageReport("skipped: this kernel has no MADV_COLLAPSE (Linux < 6.1)")
-            failed += 1  # EAGAIN / ENOMEM: no huge page free now; the range stays as it was
+            # EAGAIN / ENOMEM: no huge page free now; EINVAL: a range the kernel will not
+            # collapse (marked MADV_NOHUGEPAGE, or THP off for this process). It stays as it was.
+            failed += 1
+            logger.debug("huge pages: %#x not collapsed (errno %d)", addr, ctypes.get_errno())
     seconds = time.perf_counter() - started
-    if failed:
-        logger.debug("huge pages: %d ranges could not be collapsed", failed)
+    if failed and not ranges:
+        return HugePageReport(f"skipped: the kernel collapsed none of {failed} ranges", 0, 0, seconds)
     return HugePageReport("collapsed", ranges, ranges * _HUGE, seconds)
