@@ -66,10 +66,14 @@ def report(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+ALL_BACKENDS = ("llamacpp", "openvino", "onnxruntime")
+DEFAULT_CONTEXTS = "512,1024,2048"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backends", default="llamacpp,openvino,onnxruntime")
-    ap.add_argument("--contexts", default="512,1024,2048")
+    ap.add_argument("--backends", default=",".join(ALL_BACKENDS))
+    ap.add_argument("--contexts", default=DEFAULT_CONTEXTS)
     args = ap.parse_args()
     backends = [b for b in args.backends.split(",") if b]
     paths = artifacts(backends)
@@ -81,7 +85,10 @@ def main() -> None:
             print(rows[-1], file=sys.stderr, flush=True)
     section = report(rows)
     print(section)
-    write_section("## Planner calibration", section)
+    if set(backends) == set(ALL_BACKENDS) and args.contexts == DEFAULT_CONTEXTS:
+        write_section("## Planner calibration", section)
+    else:  # a partial run must not replace the whole section with its few rows
+        print("(a subset of backends or contexts: BENCHMARKS.md left as it was)", file=sys.stderr)
 
 
 if __name__ == "__main__":
