@@ -28,9 +28,11 @@ step allocates no array. :meth:`ORTSession.trim` re-lays the kept prefix into th
 buffer.
 
 Execution providers, session options and error translation live in
-:mod:`edgellm.runtimes.ort_setup` (shared with the builder-graph engine). Before ONNX Runtime opens the model,
-:func:`~edgellm.runtimes.onnx_files.external_data_files` reads the external-data locations
-from the ONNX protobuf itself and refuses any that leave the model folder or are missing.
+:mod:`edgellm.runtimes.ort_setup` (shared with the builder-graph engine). Before ONNX Runtime
+opens the model, :func:`~edgellm.runtimes.onnx_files.external_data_files` reads the
+external-data locations from the ONNX protobuf itself and refuses any that leave the model
+folder or are missing. After it opened the model on the CPU, the weights it copied into its
+heap are moved onto huge pages (:mod:`edgellm.runtimes.hugepages`, option ``huge_pages``).
 """
 
 from __future__ import annotations
