@@ -159,9 +159,10 @@ class ORTEngine:
         if not isinstance(want_huge, bool):
             raise InvalidInputError(f"{self.path}: huge_pages must be True or False, got {want_huge!r}; "
                                     "pass huge_pages=False to keep the weights in 4 KiB pages")
-        before = resident_ranges() if want_huge else frozenset()
+        not_huge = self._no_huge_pages(want_huge)  # decided before loading: None means collapse
+        before = resident_ranges() if not_huge is None else frozenset()
         self._session = self._open_session()
-        self.huge_pages = self._collapse_weights(want_huge, before)
+        self.huge_pages = self._collapse_weights(before) if not_huge is None else {"status": not_huge}
         self._inputs = {i.name: i for i in self._session.get_inputs()}
         self.slots = self._kv_slots()
         self.kv_dtype = self._kv_type()
@@ -203,13 +204,17 @@ class ORTEngine:
         except _CAUGHT as exc:
             raise translate_error(exc, self.path, "to load the model") from None
 
-    def _collapse_weights(self, wanted: bool, before: frozenset[int]) -> dict[str, Any]:
+    def _no_huge_pages(self, wanted: bool) -> str | None:
+        """Why the weights stay in 4 KiB pages, or None when they are to be collapsed."""
+        if not wanted:
+            return "off (huge_pages=False)"
+        if self.requested_providers[0] != _CPU:
+            return f"skipped: the weights are on {self.requested_providers[0]}"
+        return None
+
+    def _collapse_weights(self, before: frozenset[int]) -> dict[str, Any]:
         """Move the weights ONNX Runtime copied into its heap onto huge pages (CPU, Linux):
         decode reads all of them every token (:mod:`edgellm.runtimes.hugepages`)."""
-        if not wanted:
-            return {"status": "off (huge_pages=False)"}
-        if self.requested_providers[0] != _CPU:
-            return {"status": f"skipped: the weights are on {self.requested_providers[0]}"}
         report = collapse_resident(skip=before)  # what the load added, not the host's own memory
         logger.info("%s: huge pages %s, %.0f MiB in %.0f ms", self.path, report.status,
                     report.bytes / 2**20, report.seconds * 1e3)
