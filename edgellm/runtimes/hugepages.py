@@ -4,22 +4,23 @@ ONNX Runtime copies every weight into its own heap buffers when it opens a model
 MatMulNBits' int4 blocks, MatMul's packed panels), and that heap is mapped in 4 KiB pages. A
 decode step reads all of it, so it walks through tens of thousands of pages per token and
 spends a large part of the step on TLB misses, more so in a virtual machine, where every miss
-walks two page tables. Measured on SmolLM2-135M int4, 1 thread, on this project's VM (2-core
-EPYC under Firecracker): 104-114 tok/s in 4 KiB pages, 128-135 with the heap collapsed
-(``benchmarks/bench_onnx.py`` has the side-by-side, at 2 threads). A process started with
-``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` gets huge pages from malloc itself (126-137 tok/s in
-the same test); a library cannot set that after its host process started, so
-:func:`collapse_resident` does it after the fact with ``madvise(MADV_COLLAPSE)`` (Linux 6.1+),
-which copies each 2 MiB range into one huge page, synchronously.
+walks two page tables. ``benchmarks/bench_onnx.py`` measures it side by side (SmolLM2-135M,
+2 threads, this project's 2-core Firecracker VM): int4 decodes 1.15x faster with the heap
+collapsed than with ``huge_pages=False``, fp32 1.04x (it is bound by memory bandwidth). The
+same runs show onnxruntime-genai gaining from ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, which
+makes malloc itself hand out huge pages; a library cannot set that after its host process
+started, so :func:`collapse_resident` does it after the fact with ``madvise(MADV_COLLAPSE)``
+(Linux 6.1+), which copies each 2 MiB range into one huge page, synchronously.
 
 Only ranges the load added (:func:`resident_ranges` is taken before it) and that are
 resident (by ``mincore``, at least :data:`MIN_RESIDENT` of their pages) are collapsed, so
 the host application's own memory is not touched, resident memory grows by at most the holes
-of those ranges (measured: 0-2 MiB on 150 MiB), and a sparse buffer (a KV cache whose pages
-are committed as the context fills) is left alone. Nothing changes but where the bytes sit:
+of those ranges (at most a tenth of what is collapsed), and a sparse buffer (a KV cache whose
+pages are committed as the context fills) is left alone. Nothing changes but where the bytes sit:
 contents and addresses are the same. On another OS, an older kernel or with THP set to
-``never`` it does nothing and says why. The same collapse did not speed up llama.cpp (no
-mmap) or OpenVINO measurably, so only the ONNX Runtime backend asks for it.
+``never`` it does nothing and says why. Only the ONNX Runtime backend asks for it: in a
+one-off probe (not a benchmark script) the same collapse made no measurable difference to
+llama.cpp without mmap or to OpenVINO.
 """
 
 from __future__ import annotations
