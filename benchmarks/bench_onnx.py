@@ -101,17 +101,12 @@ def bench_optimum(path: Path, tokens: int) -> dict[str, float]:
 
 def convert_child(src: Path, out: str, quant: str, exporter: str) -> dict[str, float]:
     """One conversion in this (fresh) process: wall time, peak RSS, torch imported or not."""
-    import resource
-
     import edgellm
+    from benchmarks.common import conversion_stats
 
     t0 = time.perf_counter()
     art = edgellm.convert(src, out, format="onnx", quant=quant, exporter=exporter, verify=False, force=True)
-    wall = time.perf_counter() - t0
-    largest = art.manifest.get("builder", {}).get("largest_source_tensor_bytes", 0)
-    return {"wall_s": wall, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "torch_imported": "torch" in sys.modules, "size_mib": art.size_bytes / 2**20,
-            "largest_tensor_mib": largest / 2**20}
+    return conversion_stats(t0, art)
 
 
 def _genai(path: Path, tokens: int, show: bool = False, env: dict[str, str] | None = None) -> dict:

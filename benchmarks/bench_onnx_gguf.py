@@ -39,12 +39,9 @@ WAYS = ("gguf direct", "gguf -> safetensors -> builder", "gguf -> transformers -
 
 
 def _done(t0: float, art: Any) -> dict[str, Any]:
-    import resource
+    from benchmarks.common import conversion_stats
 
-    return {"wall_s": time.perf_counter() - t0,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "torch_imported": "torch" in sys.modules,
-            "largest_tensor_mib": art.manifest["builder"]["largest_source_tensor_bytes"] / 2**20,
+    return {**conversion_stats(t0, art),
             "data_sha256": hashlib.sha256((art.path / "model.onnx.data").read_bytes()).hexdigest()}
 
 

@@ -60,3 +60,15 @@ def write_section(head: str, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text, encoding="utf-8")
+
+
+def conversion_stats(t0: float, art: Any) -> dict[str, Any]:
+    """What a conversion benchmark child reports once ``art`` is written (started at ``t0``):
+    wall time, this process's peak RSS, whether torch was imported, size, largest source tensor."""
+    import resource
+
+    largest = art.manifest.get("builder", {}).get("largest_source_tensor_bytes", 0)
+    return {"wall_s": time.perf_counter() - t0,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "torch_imported": "torch" in sys.modules, "size_mib": art.size_bytes / 2**20,
+            "largest_tensor_mib": largest / 2**20}
